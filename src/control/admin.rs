@@ -1,0 +1,276 @@
+//! The admin listener: `/metrics`, `/health`, the sessions API, drain, and
+//! the status page. `/admin/*` needs the token (Bearer, or the password of
+//! HTTP Basic so a browser can open the page).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use super::health;
+use crate::broker::Broker;
+use crate::clock;
+use crate::proxy::handshake::{json, text, Body};
+use crate::proxy::session::{Cmd, EndReason};
+
+const STATUS_PAGE: &str = include_str!("status_page.html");
+
+/// Accepts admin connections until `stop` fires.
+pub async fn serve(listener: TcpListener, broker: Arc<Broker>, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let b = broker.clone();
+        let stop = stop.clone();
+        broker.tasks.spawn(async move {
+            let svc_broker = b.clone();
+            let service = service_fn(move |req| handle(req, svc_broker.clone()));
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(b.config.limits.handshake_timeout);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn unauthorized() -> Response<Body> {
+    let mut r = text(
+        StatusCode::UNAUTHORIZED,
+        "401 Unauthorized: admin token required",
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"wsbroker\""),
+    );
+    r
+}
+
+/// Compares without an early exit, so timing does not reveal the token.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized(req: &Request<Incoming>, token: &str) -> bool {
+    if token.is_empty() {
+        return true;
+    }
+    let Some(auth) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    if let Some(bearer) = auth.strip_prefix("Bearer ") {
+        return same(bearer.trim().as_bytes(), token.as_bytes());
+    }
+    if let Some(basic) = auth.strip_prefix("Basic ") {
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(basic.trim()) else {
+            return false;
+        };
+        let password = decoded.splitn(2, |b| *b == b':').nth(1).unwrap_or_default();
+        return same(password, token.as_bytes());
+    }
+    false
+}
+
+#[derive(Serialize)]
+struct Instance {
+    id: String,
+    advertise: String,
+    version: &'static str,
+    started_at: String,
+    heartbeat_age_ms: u64,
+    healthy: bool,
+    sessions: usize,
+}
+
+async fn handle(req: Request<Incoming>, broker: Arc<Broker>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    if method == Method::GET && path == "/metrics" {
+        let (_, _) = health::report(&broker).await;
+        let mut r = Response::new(Full::new(Bytes::from(broker.metrics.render())));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        return Ok(r);
+    }
+    if method == Method::GET && path == "/health" {
+        let (status, report) = health::report(&broker).await;
+        return Ok(json(status, &report));
+    }
+    if path == "/live" {
+        return Ok(text(StatusCode::OK, "live"));
+    }
+    if !(path == "/admin" || path.starts_with("/admin/")) {
+        return Ok(text(StatusCode::NOT_FOUND, "404 Not Found"));
+    }
+    let token = broker
+        .config
+        .admin
+        .as_ref()
+        .map(|a| a.token.as_str())
+        .unwrap_or("");
+    if !authorized(&req, token) {
+        return Ok(unauthorized());
+    }
+    let rest = path.trim_start_matches("/admin").trim_start_matches('/');
+    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let resp = match (&method, segments.as_slice()) {
+        (&Method::GET, []) => {
+            let mut r = Response::new(Full::new(Bytes::from_static(STATUS_PAGE.as_bytes())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            r
+        }
+        (&Method::GET, ["cluster"]) => cluster(&broker).await,
+        (&Method::GET, ["sessions"]) => {
+            let node = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("node=")));
+            let list: Vec<_> = match node {
+                Some(n) if n != broker.node_id => Vec::new(),
+                _ => broker
+                    .sessions
+                    .all()
+                    .iter()
+                    .map(|s| s.info(&broker.node_id))
+                    .collect(),
+            };
+            json(StatusCode::OK, &list)
+        }
+        (&Method::GET, ["sessions", id]) => match broker.sessions.get(id) {
+            Some(s) => json(StatusCode::OK, &s.info(&broker.node_id)),
+            None => text(StatusCode::NOT_FOUND, "404 Not Found: unknown session"),
+        },
+        (&Method::DELETE, ["sessions", id]) => match broker.sessions.get(id) {
+            Some(s) => {
+                s.send(Cmd::End {
+                    reason: EndReason::OPERATOR,
+                    after: Duration::ZERO,
+                })
+                .await;
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({"id": id, "ended": true}),
+                )
+            }
+            None => text(StatusCode::NOT_FOUND, "404 Not Found: unknown session"),
+        },
+        (&Method::POST, ["sessions", id, "send"]) => send(req, &broker, id.to_string()).await,
+        (&Method::POST, ["drain"]) => {
+            broker.lifecycle.begin_drain();
+            json(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({"status": "draining"}),
+            )
+        }
+        _ => text(StatusCode::NOT_FOUND, "404 Not Found"),
+    };
+    Ok(resp)
+}
+
+async fn cluster(broker: &Arc<Broker>) -> Response<Body> {
+    let (_, report) = health::report(broker).await;
+    let me = Instance {
+        id: broker.node_id.clone(),
+        advertise: broker
+            .config
+            .node
+            .advertise
+            .clone()
+            .unwrap_or_else(|| broker.config.node.listen.to_string()),
+        version: env!("CARGO_PKG_VERSION"),
+        started_at: clock::rfc3339(broker.started_at),
+        heartbeat_age_ms: 0,
+        healthy: report.status == "healthy" || report.status == "degraded",
+        sessions: broker.sessions.len(),
+    };
+    json(
+        StatusCode::OK,
+        &serde_json::json!({"instances": [me], "registry": report.registry}),
+    )
+}
+
+async fn send(req: Request<Incoming>, broker: &Arc<Broker>, id: String) -> Response<Body> {
+    let Some(session) = broker.sessions.get(&id) else {
+        return text(StatusCode::NOT_FOUND, "404 Not Found: unknown session");
+    };
+    let text_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/"));
+    let limit = broker.config.limits.max_message_size as usize;
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "413 Payload Too Large: over max_message_size",
+            )
+        }
+    };
+    let is_text = text_type && std::str::from_utf8(&body).is_ok();
+    let (done, answer) = oneshot::channel();
+    let sent = session
+        .send(Cmd::Send {
+            payload: body,
+            text: is_text,
+            done,
+        })
+        .await;
+    match (sent, answer.await) {
+        (true, Ok(true)) => json(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({"id": id, "delivered": true}),
+        ),
+        (true, Ok(false)) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 Service Unavailable: session busy or closing",
+        ),
+        _ => text(StatusCode::NOT_FOUND, "404 Not Found: session ended"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same;
+
+    #[test]
+    fn token_comparison() {
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd"));
+        assert!(!same(b"abc", b"ab"));
+    }
+}

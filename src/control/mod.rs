@@ -1,0 +1,18 @@
+//! The control path: what the node knows and decides about itself, its
+//! upstreams and its peers, apart from moving bytes.
+//!
+//! - `lifecycle`: starting → running → draining.
+//! - `registry`: session ownership (memory now, Valkey for clusters).
+//! - `upstreams`: balancing, health probes, circuit breakers.
+//! - `health`: the `/health` report.
+//! - `admin`: the admin listener (metrics, sessions API, status page).
+//! - `drain`: graceful shutdown.
+//! - `metrics`: every exported metric.
+
+pub mod admin;
+pub mod drain;
+pub mod health;
+pub mod lifecycle;
+pub mod metrics;
+pub mod registry;
+pub mod upstreams;

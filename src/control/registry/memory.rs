@@ -1,0 +1,72 @@
+//! The single-node registry: ownership is this process's own session
+//! table, so a claim always succeeds. It remembers each live session's
+//! epoch and upstream so the shape matches the clustered registry.
+
+use dashmap::DashMap;
+
+use super::Claim;
+
+#[derive(Debug, Default)]
+pub struct MemoryRegistry {
+    /// Live sessions: epoch and upstream.
+    sessions: DashMap<String, (u64, Option<String>)>,
+}
+
+impl MemoryRegistry {
+    pub fn claim(&self, session: &str) -> Claim {
+        let mut entry = self
+            .sessions
+            .entry(session.to_string())
+            .or_insert((0, None));
+        entry.0 += 1;
+        Claim::Owned {
+            epoch: entry.0,
+            prefer: entry.1.clone(),
+        }
+    }
+
+    pub fn set_upstream(&self, session: &str, epoch: u64, upstream: &str) {
+        if let Some(mut e) = self.sessions.get_mut(session) {
+            if e.0 == epoch {
+                e.1 = Some(upstream.to_string());
+            }
+        }
+    }
+
+    pub fn ended(&self, session: &str, epoch: u64) {
+        self.sessions.remove_if(session, |_, v| v.0 == epoch);
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ended_sessions_leave_no_entry() {
+        let r = MemoryRegistry::default();
+        let Claim::Owned { epoch, .. } = r.claim("s");
+        assert_eq!(epoch, 1);
+        r.set_upstream("s", 1, "ws://u");
+        r.ended("s", 1);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_stale_end_does_not_remove_a_newer_claim() {
+        let r = MemoryRegistry::default();
+        r.claim("s");
+        let Claim::Owned { epoch, .. } = r.claim("s");
+        assert_eq!(epoch, 2);
+        r.ended("s", 1);
+        assert_eq!(r.len(), 1);
+    }
+}

@@ -1,0 +1,709 @@
+//! The session driver: one task per session that owns the upstream
+//! connection's read half and every attached client's write half.
+//!
+//! It relays upstream bytes to the clients unchanged (frame headers are
+//! only tracked), buffers whole messages while no client is attached
+//! (resume), and is the one place that decides how a session ends and
+//! which close code each side gets. Client-to-upstream bytes are relayed by
+//! one reader task per client (`client_reader.rs`).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::client_reader::{self, SharedUpstream, UpstreamWriter};
+use super::frame::{self, Event, FrameError, FrameScanner};
+use super::io::{ClientIo, UpstreamIo};
+use super::session::{Cmd, ConnGuard, EndReason, Session};
+use crate::broker::Broker;
+use crate::clock;
+use crate::control::upstreams::UpstreamLease;
+
+/// Bytes read from the upstream per call (the buffer grows only for
+/// partial headers, which are at most 14 bytes).
+pub const READ_CHUNK: usize = 16 * 1024;
+/// How long a finishing close handshake may take.
+const CLOSE_LINGER: Duration = Duration::from_secs(5);
+/// Bound on one injected close frame's write.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Operator messages queued while the upstream is mid-message.
+const MAX_PENDING_SENDS: usize = 64;
+
+/// One attached client, seen from the driver.
+struct Client {
+    id: u64,
+    writer: WriteHalf<ClientIo>,
+    /// Cancelled when the client is replaced or closed by the broker: its
+    /// reader stops forwarding and its writes stop waiting.
+    kicked: CancellationToken,
+    /// The client's stream is at a message boundary of the upstream stream
+    /// (a client that joins mid-message starts at the next message).
+    synced: bool,
+    _conn: ConnGuard,
+}
+
+/// The resume window: no client attached.
+struct Detached {
+    deadline: Instant,
+    /// Upstream messages kept for replay, raw frames.
+    buffer: Vec<u8>,
+    /// The buffer starts at a message boundary (false while the rest of a
+    /// message the dropped client saw in part is skipped).
+    synced: bool,
+}
+
+/// Why the driver loop stopped.
+enum Stop {
+    End(EndReason),
+    UpstreamLost,
+    UpstreamFault(FrameError),
+    ClientTorn {
+        mid_frame: bool,
+    },
+    ClientFault {
+        client: u64,
+        code: u16,
+        reason: &'static str,
+    },
+    /// A close handshake finished (or timed out): just close the sockets.
+    Done,
+}
+
+const RESUME_EXPIRED: EndReason = EndReason {
+    client_code: 1001,
+    client_reason: "resume grace expired",
+    upstream_code: 1001,
+    upstream_reason: "client did not return",
+};
+const RESUME_OVERFLOW: EndReason = EndReason {
+    client_code: 1001,
+    client_reason: "resume buffer overflow",
+    upstream_code: 1001,
+    upstream_reason: "client did not return",
+};
+const CLIENT_LEFT: EndReason = EndReason {
+    client_code: 1001,
+    client_reason: "session ended",
+    upstream_code: 1001,
+    upstream_reason: "client went away",
+};
+
+pub struct Driver {
+    broker: Arc<Broker>,
+    session: Arc<Session>,
+    rx: mpsc::Receiver<Cmd>,
+    up_read: ReadHalf<UpstreamIo>,
+    up_write: SharedUpstream,
+    _lease: UpstreamLease,
+    clients: Vec<Client>,
+    next_client: u64,
+    scanner: FrameScanner,
+    buf: BytesMut,
+    events: Vec<Event>,
+    detached: Option<Detached>,
+    pending_sends: VecDeque<Vec<u8>>,
+    /// The upstream sent a Close frame.
+    upstream_closed: bool,
+    /// A close handshake is under way; the session stops by this time.
+    closing_deadline: Option<Instant>,
+    /// A scheduled end (drain jitter).
+    end_at: Option<(Instant, EndReason)>,
+}
+
+impl Driver {
+    pub fn new(
+        broker: Arc<Broker>,
+        session: Arc<Session>,
+        rx: mpsc::Receiver<Cmd>,
+        upstream: UpstreamIo,
+        leftover: BytesMut,
+        lease: UpstreamLease,
+    ) -> Driver {
+        let (up_read, up_write) = tokio::io::split(upstream);
+        let max = broker.config.limits.max_message_size;
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        buf.put_slice(&leftover);
+        let first_attach_window =
+            broker.config.limits.handshake_timeout + broker.config.session.resume_grace;
+        Driver {
+            broker,
+            session,
+            rx,
+            up_read,
+            up_write: Arc::new(tokio::sync::Mutex::new(UpstreamWriter {
+                io: up_write,
+                mid_frame: false,
+            })),
+            _lease: lease,
+            clients: Vec::new(),
+            next_client: 0,
+            scanner: FrameScanner::new(false, max),
+            buf,
+            events: Vec::new(),
+            // Until the first client's upgrade completes, upstream messages
+            // (a greeting, say) are kept exactly as for a resuming client.
+            detached: Some(Detached {
+                deadline: Instant::now() + first_attach_window,
+                buffer: Vec::new(),
+                synced: true,
+            }),
+            pending_sends: VecDeque::new(),
+            upstream_closed: false,
+            closing_deadline: None,
+            end_at: None,
+        }
+    }
+
+    /// Runs the session to its end, then cleans up after it.
+    pub async fn run(mut self) {
+        self.broker.metrics.sessions_active.inc();
+        let stop = if self.buf.is_empty() {
+            self.run_loop().await
+        } else {
+            match self.on_upstream_bytes().await {
+                Some(stop) => stop,
+                None => self.run_loop().await,
+            }
+        };
+        // Refuse new attaches and stop the readers before closing: a new
+        // upgrade for this id now creates a fresh session.
+        self.session.mark_ended();
+        self.session.stopped.cancel();
+        self.broker.sessions.remove(&self.session);
+        self.finish(stop).await;
+        self.broker
+            .registry
+            .session_ended(&self.session.id, self.session.epoch)
+            .await;
+        self.broker.metrics.sessions_active.dec();
+        tracing::debug!(session = %self.session.id, "session ended");
+    }
+
+    async fn run_loop(&mut self) -> Stop {
+        let idle = self.broker.config.session.idle_timeout;
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        loop {
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            let last = self
+                .session
+                .last_active_ms
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let idle_at = clock::instant_at(last) + idle;
+            let grace_at = self.detached.as_ref().map(|d| d.deadline);
+            let end_at = self.end_at.as_ref().map(|(t, _)| *t);
+            tokio::select! {
+                biased;
+                cmd = self.rx.recv() => match cmd {
+                    Some(cmd) => {
+                        if let Some(stop) = self.on_cmd(cmd).await {
+                            return stop;
+                        }
+                    }
+                    // The session itself holds a sender: this cannot happen.
+                    None => return Stop::Done,
+                },
+                r = self.up_read.read_buf(&mut self.buf) => match r {
+                    Ok(0) | Err(_) => {
+                        return if self.upstream_closed { Stop::Done } else { Stop::UpstreamLost };
+                    }
+                    Ok(_) => {
+                        if let Some(stop) = self.on_upstream_bytes().await {
+                            return stop;
+                        }
+                    }
+                },
+                _ = sleep_until(grace_at.unwrap_or(far)), if grace_at.is_some() => {
+                    return Stop::End(RESUME_EXPIRED);
+                }
+                _ = sleep_until(end_at.unwrap_or(far)), if end_at.is_some() => {
+                    let reason = self.end_at.take().map(|(_, r)| r).unwrap_or(EndReason::DRAIN);
+                    return Stop::End(reason);
+                }
+                _ = sleep_until(self.closing_deadline.unwrap_or(far)), if self.closing_deadline.is_some() => {
+                    return Stop::Done;
+                }
+                _ = sleep_until(idle_at) => {
+                    let last = self.session.last_active_ms.load(std::sync::atomic::Ordering::Relaxed);
+                    if clock::instant_at(last) + idle <= Instant::now() {
+                        return Stop::End(EndReason::IDLE);
+                    }
+                }
+                _ = self.broker.shutdown.cancelled() => return Stop::End(EndReason::DRAIN),
+            }
+        }
+    }
+
+    fn closing(&self) -> bool {
+        self.closing_deadline.is_some()
+    }
+
+    fn start_closing(&mut self) {
+        if self.closing_deadline.is_none() {
+            self.closing_deadline = Some(Instant::now() + CLOSE_LINGER);
+        }
+    }
+
+    async fn on_upstream_bytes(&mut self) -> Option<Stop> {
+        self.events.clear();
+        let (valid, fault) = match self.scanner.scan(&self.buf, &mut self.events) {
+            Ok(n) => (n, None),
+            Err(e) => (e.valid_upto(), Some(e)),
+        };
+        if valid > 0 {
+            self.session.touch();
+            let m = &self.broker.metrics;
+            m.bytes.downstream.inc_by(valid as u64);
+            let ended = self
+                .events
+                .iter()
+                .filter(|e| matches!(e, Event::MessageEnd { .. }))
+                .count();
+            m.messages.downstream.inc_by(ended as u64);
+            let chunk = self.buf.split_to(valid);
+            let events = std::mem::take(&mut self.events);
+            let stop = self.deliver(&chunk, &events).await;
+            self.events = events;
+            if stop.is_some() {
+                return stop;
+            }
+        }
+        if let Some(e) = fault {
+            return Some(Stop::UpstreamFault(e));
+        }
+        if self.scanner.at_message_boundary() && !self.pending_sends.is_empty() {
+            self.flush_sends().await;
+        }
+        None
+    }
+
+    /// Relays one scanned chunk to the clients, or into the resume buffer.
+    async fn deliver(&mut self, chunk: &[u8], events: &[Event]) -> Option<Stop> {
+        if self.detached.is_some() {
+            return self.deliver_detached(chunk, events).await;
+        }
+        for ev in events {
+            if let Event::Control {
+                opcode: frame::OP_CLOSE,
+                ..
+            } = ev
+            {
+                self.upstream_closed = true;
+                self.start_closing();
+            }
+        }
+        if self.clients.iter().all(|c| c.synced) {
+            self.write_clients(chunk, false).await;
+            return None;
+        }
+        let mut pos = 0;
+        for ev in events {
+            match *ev {
+                Event::MessageStart { at } => {
+                    self.write_clients(&chunk[pos..at], false).await;
+                    pos = at;
+                    self.clients.iter_mut().for_each(|c| c.synced = true);
+                }
+                Event::Control { at, len, .. } => {
+                    self.write_clients(&chunk[pos..at], false).await;
+                    self.write_clients(&chunk[at..at + len], true).await;
+                    pos = at + len;
+                }
+                Event::MessageEnd { .. } => {}
+            }
+        }
+        self.write_clients(&chunk[pos..], false).await;
+        None
+    }
+
+    async fn deliver_detached(&mut self, chunk: &[u8], events: &[Event]) -> Option<Stop> {
+        let limit = self.broker.config.session.resume_buffer as usize;
+        let mut pos = 0;
+        let mut pongs = Vec::new();
+        let mut closed = false;
+        {
+            let d = self.detached.as_mut()?;
+            for ev in events {
+                match *ev {
+                    Event::MessageStart { at } => {
+                        if d.synced {
+                            d.buffer.extend_from_slice(&chunk[pos..at]);
+                        }
+                        d.synced = true;
+                        pos = at;
+                    }
+                    Event::Control { at, len, opcode } => {
+                        if d.synced {
+                            d.buffer.extend_from_slice(&chunk[pos..at]);
+                        }
+                        pos = at + len;
+                        match opcode {
+                            frame::OP_PING => pongs.push(frame::encode_frame(
+                                frame::OP_PONG,
+                                &frame::frame_payload(&chunk[at..at + len]),
+                                true,
+                            )),
+                            frame::OP_CLOSE => {
+                                closed = true;
+                                pongs.push(frame::remask_control(&chunk[at..at + len], true));
+                                break;
+                            }
+                            _ => {}
+                        }
+                    }
+                    Event::MessageEnd { .. } => {}
+                }
+            }
+            if d.synced && !closed {
+                d.buffer.extend_from_slice(&chunk[pos..]);
+            }
+        }
+        for frame in pongs {
+            let mut w = self.up_write.lock().await;
+            let _ = w.io.write_all(&frame).await;
+        }
+        if closed {
+            self.upstream_closed = true;
+            return Some(Stop::Done);
+        }
+        if self
+            .detached
+            .as_ref()
+            .is_some_and(|d| d.buffer.len() > limit)
+        {
+            return Some(Stop::End(RESUME_OVERFLOW));
+        }
+        None
+    }
+
+    /// Writes bytes to every synced client (every client with `all`);
+    /// clients whose write fails or who are kicked are dropped.
+    async fn write_clients(&mut self, bytes: &[u8], all: bool) {
+        if bytes.is_empty() || self.clients.is_empty() {
+            return;
+        }
+        let stall = self.broker.config.session.idle_timeout;
+        let mut failed = Vec::new();
+        for c in self.clients.iter_mut().filter(|c| all || c.synced) {
+            let ok = tokio::select! {
+                biased;
+                r = c.writer.write_all(bytes) => r.is_ok(),
+                _ = c.kicked.cancelled() => false,
+                _ = tokio::time::sleep(stall) => false,
+            };
+            if !ok {
+                failed.push(c.id);
+            }
+        }
+        for id in failed {
+            if let Some(c) = self.remove_client(id) {
+                c.kicked.cancel();
+            }
+        }
+        if self.clients.is_empty() && !self.closing() {
+            self.detach();
+        }
+    }
+
+    fn remove_client(&mut self, id: u64) -> Option<Client> {
+        let i = self.clients.iter().position(|c| c.id == id)?;
+        self.session.mark_detached();
+        Some(self.clients.swap_remove(i))
+    }
+
+    /// Starts the resume window (or ends at once when it is disabled; the
+    /// end comes from the caller checking `detached`).
+    fn detach(&mut self) {
+        let grace = self.broker.config.session.resume_grace;
+        self.detached = Some(Detached {
+            deadline: Instant::now() + grace,
+            buffer: Vec::new(),
+            synced: self.scanner.at_message_boundary(),
+        });
+        tracing::debug!(session = %self.session.id, "client dropped; session detached");
+    }
+
+    async fn on_cmd(&mut self, cmd: Cmd) -> Option<Stop> {
+        match cmd {
+            Cmd::Attach { io, kicked, conn } => self.attach(io, kicked, conn).await,
+            Cmd::ClientGone {
+                client,
+                torn,
+                mid_frame,
+            } => {
+                let removed = self.remove_client(client).is_some();
+                if torn {
+                    return Some(Stop::ClientTorn { mid_frame });
+                }
+                if removed && self.clients.is_empty() {
+                    if self.closing() {
+                        return Some(Stop::Done);
+                    }
+                    if self.broker.config.session.resume_grace.is_zero() {
+                        return Some(Stop::End(CLIENT_LEFT));
+                    }
+                    self.detach();
+                }
+                None
+            }
+            Cmd::ClientClose {
+                client,
+                frame: close,
+            } => self.on_client_close(client, close).await,
+            Cmd::ClientFault {
+                client,
+                code,
+                reason,
+            } => Some(Stop::ClientFault {
+                client,
+                code,
+                reason,
+            }),
+            Cmd::Send {
+                payload,
+                text,
+                done,
+            } => {
+                let opcode = if text {
+                    frame::OP_TEXT
+                } else {
+                    frame::OP_BINARY
+                };
+                let accepted = self.pending_sends.len() < MAX_PENDING_SENDS && !self.closing();
+                if accepted {
+                    self.pending_sends
+                        .push_back(frame::encode_frame(opcode, &payload, false));
+                    if self.scanner.at_message_boundary() {
+                        self.flush_sends().await;
+                    }
+                }
+                let _ = done.send(accepted);
+                None
+            }
+            Cmd::End { reason, after } => {
+                if after.is_zero() || self.detached.is_some() {
+                    return Some(Stop::End(reason));
+                }
+                self.end_at = Some((Instant::now() + after, reason));
+                None
+            }
+        }
+    }
+
+    async fn attach(
+        &mut self,
+        io: ClientIo,
+        kicked: CancellationToken,
+        conn: ConnGuard,
+    ) -> Option<Stop> {
+        self.session.mark_attached();
+        let (rd, writer) = tokio::io::split(io);
+        let id = self.next_client;
+        self.next_client += 1;
+        let mut client = Client {
+            id,
+            writer,
+            kicked: kicked.clone(),
+            synced: self.scanner.at_message_boundary(),
+            _conn: conn,
+        };
+        if self.closing() {
+            // The session is finishing its close handshake: turn the newcomer away.
+            let _ = self.close_one(&mut client, 1001, "session ended").await;
+            self.session.mark_detached();
+            return None;
+        }
+        // Takeover: every client of an older generation has been kicked.
+        let kicked_ids: Vec<u64> = self
+            .clients
+            .iter()
+            .filter(|c| c.kicked.is_cancelled())
+            .map(|c| c.id)
+            .collect();
+        for old in kicked_ids {
+            if let Some(mut c) = self.remove_client(old) {
+                let _ = self.close_one(&mut c, 4001, "session taken over").await;
+            }
+        }
+        if let Some(d) = self.detached.take() {
+            if d.synced {
+                let ok = client.writer.write_all(&d.buffer).await.is_ok();
+                if !ok {
+                    self.session.mark_detached();
+                    self.detach();
+                    return None;
+                }
+                client.synced = true;
+            } else {
+                client.synced = false;
+            }
+            tracing::debug!(session = %self.session.id, replayed = d.buffer.len(), "client resumed");
+        }
+        self.clients.push(client);
+        let reader = client_reader::Reader {
+            broker: self.broker.clone(),
+            session: self.session.clone(),
+            client: id,
+            upstream: self.up_write.clone(),
+            kicked,
+        };
+        self.broker.tasks.spawn(reader.run(rd));
+        if self.scanner.at_message_boundary() && !self.pending_sends.is_empty() {
+            self.flush_sends().await;
+        }
+        None
+    }
+
+    async fn on_client_close(&mut self, client: u64, close: Vec<u8>) -> Option<Stop> {
+        if self.upstream_closed {
+            // The client's answer to the upstream's Close: pass it on.
+            self.write_upstream(&close).await;
+            if let Some(mut c) = self.remove_client(client) {
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, c.writer.shutdown()).await;
+            }
+            return None;
+        }
+        if self.clients.len() > 1 {
+            // One of several shared clients leaves; the session goes on.
+            let (code, reason) = frame::parse_close(&frame::frame_payload(&close));
+            if let Some(mut c) = self.remove_client(client) {
+                let code = if code == 1005 { 1000 } else { code };
+                let _ = self.close_one(&mut c, code, &reason).await;
+            }
+            return None;
+        }
+        // The last client closes: the session ends, the code passes through.
+        self.write_upstream(&close).await;
+        self.start_closing();
+        None
+    }
+
+    async fn flush_sends(&mut self) {
+        while let Some(msg) = self.pending_sends.pop_front() {
+            if let Some(d) = self.detached.as_mut() {
+                if d.synced {
+                    d.buffer.extend_from_slice(&msg);
+                    continue;
+                }
+                self.pending_sends.push_front(msg);
+                return;
+            }
+            self.write_clients(&msg, false).await;
+        }
+    }
+
+    /// Writes a whole frame to the upstream when its stream is at a frame
+    /// boundary; returns whether it was written.
+    async fn write_upstream(&mut self, bytes: &[u8]) -> bool {
+        write_frame(&self.up_write, bytes).await
+    }
+
+    async fn close_one(&mut self, c: &mut Client, code: u16, reason: &str) -> bool {
+        close_client(c, self.scanner.at_frame_boundary(), code, reason).await
+    }
+
+    async fn close_clients(&mut self, code: u16, reason: &str) {
+        let mut clients = std::mem::take(&mut self.clients);
+        let boundary = self.scanner.at_frame_boundary();
+        for c in clients.iter_mut() {
+            close_client(c, boundary, code, reason).await;
+            self.session.mark_detached();
+        }
+    }
+
+    async fn close_upstream(&mut self, code: u16, reason: &str) {
+        let close = frame::encode_close(code, reason, true);
+        self.write_upstream(&close).await;
+    }
+
+    async fn finish(&mut self, stop: Stop) {
+        let id = self.session.id.clone();
+        match stop {
+            Stop::End(r) => {
+                tracing::info!(session = %id, client_code = r.client_code, reason = r.client_reason, "session ending");
+                self.close_clients(r.client_code, r.client_reason).await;
+                self.close_upstream(r.upstream_code, r.upstream_reason)
+                    .await;
+            }
+            Stop::UpstreamLost => {
+                tracing::info!(session = %id, upstream = %self.session.upstream, "upstream connection lost");
+                self.close_clients(1014, "upstream connection lost").await;
+            }
+            Stop::UpstreamFault(e) => {
+                tracing::warn!(session = %id, upstream = %self.session.upstream, error = %e, "upstream broke the protocol");
+                self.close_upstream(e.close_code(), "invalid or oversized message")
+                    .await;
+                self.close_clients(1014, "upstream sent an invalid message")
+                    .await;
+            }
+            Stop::ClientTorn { mid_frame } => {
+                tracing::info!(session = %id, "client dropped inside a message; session ends");
+                if !mid_frame {
+                    self.close_upstream(1001, "client dropped mid-message")
+                        .await;
+                }
+                self.close_clients(1001, "session ended").await;
+            }
+            Stop::ClientFault {
+                client,
+                code,
+                reason,
+            } => {
+                tracing::info!(session = %id, code, reason, "client fault; session ends");
+                if let Some(mut c) = self.remove_client(client) {
+                    self.close_one(&mut c, code, reason).await;
+                }
+                self.close_upstream(1001, "client error").await;
+                self.close_clients(1001, "session ended").await;
+            }
+            Stop::Done => {
+                for c in self.clients.iter_mut() {
+                    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, c.writer.shutdown()).await;
+                }
+                self.clients.clear();
+            }
+        }
+        if let Ok(mut w) = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, self.up_write.lock()).await {
+            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, w.io.shutdown()).await;
+        }
+        client_reader::linger(&mut self.up_read).await;
+    }
+}
+
+/// Writes a whole frame to the upstream when its stream is at a frame
+/// boundary; returns whether it was written.
+async fn write_frame(up: &SharedUpstream, bytes: &[u8]) -> bool {
+    let Ok(mut w) = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, up.lock()).await else {
+        return false;
+    };
+    if w.mid_frame {
+        return false;
+    }
+    matches!(
+        tokio::time::timeout(CLOSE_WRITE_TIMEOUT, w.io.write_all(bytes)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Sends one client a Close frame (when its stream is at a frame boundary)
+/// and ends its half of the connection.
+async fn close_client(c: &mut Client, at_boundary: bool, code: u16, reason: &str) -> bool {
+    c.kicked.cancel();
+    let mut ok = false;
+    if at_boundary {
+        let close = frame::encode_close(code, reason, false);
+        ok = matches!(
+            tokio::time::timeout(CLOSE_WRITE_TIMEOUT, c.writer.write_all(&close)).await,
+            Ok(Ok(()))
+        );
+    }
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, c.writer.shutdown()).await;
+    ok
+}

@@ -1,0 +1,384 @@
+//! The public listener's HTTP handling: `/health`, `/live`, 426 for plain
+//! requests, and the WebSocket upgrade — checked, routed, answered with a
+//! 101 that carries the upstream's subprotocol, then handed to the session.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+
+use super::route::{route, RouteError, UpstreamRequest};
+use super::session::ConnGuard;
+use super::session_id;
+use super::upstream_dial::accept_key;
+use crate::broker::Broker;
+use crate::config::SessionKey;
+use crate::control::health;
+use crate::control::metrics::UpgradeResult;
+
+pub type Body = Full<Bytes>;
+
+/// Header that marks a node-to-node hop. Clients cannot set it: a hop
+/// must carry a valid signature, and single nodes accept none.
+pub const HOP_HEADER: &str = "x-wsbroker-hop";
+
+/// Facts about the connection a request arrived on.
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+    /// Held by the connection and, after an upgrade, by the session's client.
+    pub guard: ConnGuard,
+}
+
+pub fn text(status: StatusCode, body: &str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Serves one request on the public listener.
+pub async fn handle(
+    req: Request<Incoming>,
+    conn: Arc<ConnInfo>,
+    broker: Arc<Broker>,
+) -> Result<Response<Body>, Infallible> {
+    let is_upgrade = header_has_token(req.headers(), header::CONNECTION, "upgrade")
+        || req.headers().contains_key(header::UPGRADE);
+    if !is_upgrade {
+        return Ok(plain(&req, &broker).await);
+    }
+    let started = tokio::time::Instant::now();
+    let response = upgrade(req, conn, &broker).await;
+    let m = &broker.metrics;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        m.handshake_seconds.observe(started.elapsed().as_secs_f64());
+    } else if response.status() == StatusCode::BAD_GATEWAY {
+        m.upgrade(UpgradeResult::UpstreamFailed);
+    } else {
+        m.upgrade(UpgradeResult::Rejected);
+    }
+    Ok(response)
+}
+
+async fn plain(req: &Request<Incoming>, broker: &Arc<Broker>) -> Response<Body> {
+    let get = req.method() == Method::GET || req.method() == Method::HEAD;
+    match req.uri().path() {
+        "/health" if get => {
+            let (status, report) = health::report(broker).await;
+            json(status, &report)
+        }
+        "/live" if get => text(StatusCode::OK, "live"),
+        _ => {
+            let mut r = text(
+                StatusCode::UPGRADE_REQUIRED,
+                "426 Upgrade Required: this endpoint accepts WebSocket upgrades only",
+            );
+            r.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            r
+        }
+    }
+}
+
+fn bad(reason: &str) -> Response<Body> {
+    text(
+        StatusCode::BAD_REQUEST,
+        &format!("400 Bad Request: {reason}"),
+    )
+}
+
+async fn upgrade(
+    mut req: Request<Incoming>,
+    conn: Arc<ConnInfo>,
+    broker: &Arc<Broker>,
+) -> Response<Body> {
+    let headers = req.headers();
+    if req.method() != Method::GET {
+        return bad("a WebSocket upgrade must be a GET");
+    }
+    if !header_has_token(headers, header::UPGRADE, "websocket")
+        || !header_has_token(headers, header::CONNECTION, "upgrade")
+    {
+        return bad("expected Connection: Upgrade and Upgrade: websocket");
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        let mut r = text(
+            StatusCode::UPGRADE_REQUIRED,
+            "426 Upgrade Required: WebSocket version 13 only",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return r;
+    }
+    let key = match headers.get(header::SEC_WEBSOCKET_KEY) {
+        Some(k) if valid_key(k.as_bytes()) => k.as_bytes().to_vec(),
+        _ => return bad("missing or malformed Sec-WebSocket-Key"),
+    };
+    if headers.contains_key(HOP_HEADER) {
+        return text(
+            StatusCode::FORBIDDEN,
+            "403 Forbidden: node-to-node hop not accepted",
+        );
+    }
+    if !broker.lifecycle.accepting_sessions() {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 Service Unavailable: node is draining",
+        );
+    }
+
+    let cfg = &broker.config.session;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let (parts, _body) = req.into_parts();
+    let (id, minted) = match session_id::find(&cfg.key, &parts) {
+        Some(raw) => match session_id::validate(raw) {
+            Ok(()) => (raw.to_string(), false),
+            Err(reason) => return bad(reason),
+        },
+        None if cfg.mint => (session_id::mint(), true),
+        None => return bad("no session id in the request and minting is off"),
+    };
+    let id: Arc<str> = Arc::from(id);
+
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let upstream_req = UpstreamRequest {
+        path_and_query,
+        headers: upstream_headers(&parts.headers, conn.peer, conn.tls),
+    };
+    let routed = match route(broker, &id, &upstream_req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(session = %id, error = %e, "upgrade refused");
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let reason = match &e {
+                RouteError::Busy => "409 Conflict: session already has a client".to_string(),
+                RouteError::NoUpstream => "502 Bad Gateway: no upstream available".to_string(),
+                other => format!("{}: {other}", status.as_u16()),
+            };
+            return text(status, &reason);
+        }
+    };
+    let reservation = routed.reservation;
+    let Some(session) = reservation.session().cloned() else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 Service Unavailable: retry",
+        );
+    };
+    broker.metrics.upgrade(if routed.created {
+        UpgradeResult::New
+    } else {
+        UpgradeResult::Attached
+    });
+
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&accept_key(&key)) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(p) = &session.protocol {
+        let offered = parts
+            .headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|o| o.trim() == p);
+        if offered {
+            if let Ok(v) = HeaderValue::from_str(p) {
+                h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+            }
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        h.insert("x-session-id", v);
+    }
+    if minted {
+        if let SessionKey::Cookie(name) = &cfg.key {
+            let secure = if conn.tls { "; Secure" } else { "" };
+            let cookie = format!("{name}={id}; Path=/; HttpOnly; SameSite=Lax{secure}");
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                h.insert(header::SET_COOKIE, v);
+            }
+        }
+    }
+
+    let guard = conn.guard.clone();
+    broker.tasks.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                reservation.attach(TokioIo::new(upgraded), guard).await;
+            }
+            Err(e) => tracing::debug!(session = %session.id, error = %e, "client upgrade did not complete"),
+        }
+    });
+    resp
+}
+
+/// A Sec-WebSocket-Key is the base64 of 16 bytes: 24 characters.
+fn valid_key(key: &[u8]) -> bool {
+    use base64::Engine;
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .map(|k| k.len() == 16)
+            .unwrap_or(false)
+}
+
+/// Headers the broker never passes upstream: hop-by-hop ones, those the
+/// upstream handshake sets itself, and those the broker sets.
+const NOT_FORWARDED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "host",
+    "content-length",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-extensions",
+    "sec-websocket-accept",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-session-id",
+    "x-session-epoch",
+];
+
+/// The end-to-end headers passed to the upstream, then X-Forwarded-*.
+pub fn upstream_headers(headers: &HeaderMap, peer: SocketAddr, tls: bool) -> Vec<(String, String)> {
+    let named_in_connection: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    let mut out = Vec::with_capacity(headers.len() + 3);
+    for (name, value) in headers {
+        let n = name.as_str();
+        if NOT_FORWARDED.contains(&n)
+            || n.starts_with("x-wsbroker-")
+            || named_in_connection.iter().any(|c| c == n)
+        {
+            continue;
+        }
+        if let Ok(v) = value.to_str() {
+            out.push((n.to_string(), v.to_string()));
+        }
+    }
+    let prior: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let client = peer.ip().to_canonical().to_string();
+    let xff = if prior.is_empty() {
+        client
+    } else {
+        format!("{}, {client}", prior.join(", "))
+    };
+    out.push(("X-Forwarded-For".into(), xff));
+    out.push((
+        "X-Forwarded-Proto".into(),
+        if tls { "https" } else { "http" }.into(),
+    ));
+    if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+        out.push(("X-Forwarded-Host".into(), host.to_string()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_headers_append_and_strip() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::HOST,
+            HeaderValue::from_static("broker.example:8080"),
+        );
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, X-Secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("hop"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        h.insert("x-session-epoch", HeaderValue::from_static("99"));
+        h.insert(HOP_HEADER, HeaderValue::from_static("forged"));
+        let out = upstream_headers(&h, "192.0.2.7:5555".parse().expect("addr"), false);
+        let get = |n: &str| {
+            out.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("x-forwarded-for"), Some("10.0.0.1, 192.0.2.7"));
+        assert_eq!(get("x-forwarded-proto"), Some("http"));
+        assert_eq!(get("x-forwarded-host"), Some("broker.example:8080"));
+        assert_eq!(get("authorization"), Some("Bearer t"));
+        assert_eq!(get("x-secret"), None);
+        assert_eq!(get("x-session-epoch"), None);
+        assert_eq!(get(HOP_HEADER), None);
+        assert_eq!(get("host"), None);
+    }
+
+    #[test]
+    fn keys_must_be_16_bytes_of_base64() {
+        assert!(valid_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(!valid_key(b"short"));
+        assert!(!valid_key(b"!!!!!!!!!!!!!!!!!!!!!!!!"));
+    }
+}

@@ -1,0 +1,22 @@
+//! The data path: listener → handshake → route → session (driver and
+//! client readers relaying frames).
+//!
+//! - `listener`: accept, TLS, connection limit, HTTP/1.1 via hyper.
+//! - `handshake`: request checks, `/health` and `/live`, the 101.
+//! - `session_id`: where the session id comes from.
+//! - `route`: the one decision — attach locally or create (or, in a
+//!   cluster, forward).
+//! - `upstream_dial`: the upstream WebSocket handshake.
+//! - `session`, `driver`, `client_reader`: a live session and its relay.
+//! - `frame`: frame-boundary tracking over raw bytes.
+
+pub mod client_reader;
+pub mod driver;
+pub mod frame;
+pub mod handshake;
+pub mod io;
+pub mod listener;
+pub mod route;
+pub mod session;
+pub mod session_id;
+pub mod upstream_dial;

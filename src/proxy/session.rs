@@ -1,0 +1,331 @@
+//! A session as the rest of the node sees it: its identity, its attach
+//! bookkeeping, and the command channel into its driver task.
+//!
+//! The driver (see `driver.rs`) owns the upstream connection and every
+//! client's write half; everything else talks to it through [`Cmd`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::io::ClientIo;
+use crate::clock;
+use crate::config::AttachMode;
+
+/// Bound of a session's command channel.
+pub const CMD_QUEUE: usize = 32;
+
+/// A held place on the public listener's connection limit; dropping it
+/// frees the place.
+pub type ConnGuard = Arc<dyn Send + Sync>;
+
+/// How a session ends, for each side.
+#[derive(Debug, Clone)]
+pub struct EndReason {
+    pub client_code: u16,
+    pub client_reason: &'static str,
+    pub upstream_code: u16,
+    pub upstream_reason: &'static str,
+}
+
+impl EndReason {
+    pub const OPERATOR: EndReason = EndReason {
+        client_code: 4002,
+        client_reason: "ended by operator",
+        upstream_code: 1000,
+        upstream_reason: "ended by operator",
+    };
+    pub const DRAIN: EndReason = EndReason {
+        client_code: 1012,
+        client_reason: "service restart",
+        upstream_code: 1001,
+        upstream_reason: "broker node draining",
+    };
+    pub const MOVED: EndReason = EndReason {
+        client_code: 4003,
+        client_reason: "session moved",
+        upstream_code: 4003,
+        upstream_reason: "session moved",
+    };
+    pub const IDLE: EndReason = EndReason {
+        client_code: 1001,
+        client_reason: "idle timeout",
+        upstream_code: 1001,
+        upstream_reason: "idle timeout",
+    };
+}
+
+/// Messages into a session's driver.
+pub enum Cmd {
+    /// A client finished its upgrade and joins the session.
+    Attach {
+        io: ClientIo,
+        /// Fires when a later client takes the session over.
+        kicked: CancellationToken,
+        conn: ConnGuard,
+    },
+    /// A client's connection ended without a Close frame. `torn`: it
+    /// stopped inside a message it was sending; `mid_frame`: inside a frame.
+    ClientGone {
+        client: u64,
+        torn: bool,
+        mid_frame: bool,
+    },
+    /// A client sent a Close frame (raw, as received).
+    ClientClose { client: u64, frame: Vec<u8> },
+    /// A client broke the protocol or a limit; it is closed with `code`.
+    ClientFault {
+        client: u64,
+        code: u16,
+        reason: &'static str,
+    },
+    /// Deliver one message to the session's clients.
+    Send {
+        payload: Bytes,
+        text: bool,
+        done: oneshot::Sender<bool>,
+    },
+    /// End the session after `after`.
+    End { reason: EndReason, after: Duration },
+}
+
+/// Attach bookkeeping, guarded by a short std mutex.
+#[derive(Debug, Default)]
+pub struct AttachState {
+    /// Clients attached to the driver.
+    pub attached: usize,
+    /// Upgrades answered 101 but not yet handed to the driver.
+    pub pending: usize,
+    /// The driver has stopped or is stopping: no more attaches.
+    pub ended: bool,
+}
+
+/// Why an attach to an existing session was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachRefused {
+    /// `attach = "exclusive"` and a client is already there (409).
+    Busy,
+    /// The session ended meanwhile: create it anew.
+    Ended,
+}
+
+/// One session owned by this node.
+pub struct Session {
+    pub id: Arc<str>,
+    pub epoch: u64,
+    /// The upstream URL this session is bound to.
+    pub upstream: String,
+    /// The subprotocol the upstream selected at the first handshake.
+    pub protocol: Option<String>,
+    pub created_at: SystemTime,
+    /// Last time a message moved, ms on [`clock`].
+    pub last_active_ms: AtomicU64,
+    attach: Mutex<AttachState>,
+    /// Current takeover generation; clients of older generations are kicked.
+    generation: Mutex<CancellationToken>,
+    /// Fires when the driver stops: readers and pending attaches stop too.
+    pub stopped: CancellationToken,
+    cmd: mpsc::Sender<Cmd>,
+}
+
+/// The admin API's view of a session.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionInfo {
+    pub id: String,
+    pub owner: String,
+    pub epoch: u64,
+    pub upstream: String,
+    pub state: &'static str,
+    pub clients: usize,
+    pub created_at: String,
+    pub last_active_at: String,
+}
+
+impl Session {
+    pub fn new(
+        id: Arc<str>,
+        epoch: u64,
+        upstream: String,
+        protocol: Option<String>,
+    ) -> (Arc<Session>, mpsc::Receiver<Cmd>) {
+        let (tx, rx) = mpsc::channel(CMD_QUEUE);
+        let session = Arc::new(Session {
+            id,
+            epoch,
+            upstream,
+            protocol,
+            created_at: SystemTime::now(),
+            last_active_ms: AtomicU64::new(clock::now_ms()),
+            attach: Mutex::new(AttachState::default()),
+            generation: Mutex::new(CancellationToken::new()),
+            stopped: CancellationToken::new(),
+            cmd: tx,
+        });
+        (session, rx)
+    }
+
+    fn attach_state(&self) -> std::sync::MutexGuard<'_, AttachState> {
+        // A poisoned lock only means another thread panicked while holding
+        // it; the counters themselves are always consistent.
+        self.attach.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn touch(&self) {
+        self.last_active_ms
+            .store(clock::now_ms(), Ordering::Relaxed);
+    }
+
+    /// Reserves a place for one more client under `mode`.
+    pub fn reserve(self: &Arc<Self>, mode: AttachMode) -> Result<Reservation, AttachRefused> {
+        let mut st = self.attach_state();
+        if st.ended {
+            return Err(AttachRefused::Ended);
+        }
+        if mode == AttachMode::Exclusive && st.attached + st.pending > 0 {
+            return Err(AttachRefused::Busy);
+        }
+        st.pending += 1;
+        Ok(Reservation {
+            session: Some(self.clone()),
+            mode,
+        })
+    }
+
+    /// Driver side: a reserved client became attached.
+    pub fn mark_attached(&self) {
+        let mut st = self.attach_state();
+        st.pending = st.pending.saturating_sub(1);
+        st.attached += 1;
+    }
+
+    /// Driver side: an attached client left.
+    pub fn mark_detached(&self) {
+        let mut st = self.attach_state();
+        st.attached = st.attached.saturating_sub(1);
+    }
+
+    /// Driver side: no further attaches.
+    pub fn mark_ended(&self) {
+        self.attach_state().ended = true;
+    }
+
+    pub fn clients(&self) -> usize {
+        self.attach_state().attached
+    }
+
+    /// Asks the driver to do something; false when it has stopped.
+    pub async fn send(&self, cmd: Cmd) -> bool {
+        self.cmd.send(cmd).await.is_ok()
+    }
+
+    /// Like [`send`](Self::send) but never waits (for fan-out to many sessions).
+    pub fn try_send(&self, cmd: Cmd) -> bool {
+        self.cmd.try_send(cmd).is_ok()
+    }
+
+    pub fn info(&self, owner: &str) -> SessionInfo {
+        let clients = self.clients();
+        let last_ms = self.last_active_ms.load(Ordering::Relaxed);
+        let age = Duration::from_millis(clock::now_ms().saturating_sub(last_ms));
+        SessionInfo {
+            id: self.id.to_string(),
+            owner: owner.to_string(),
+            epoch: self.epoch,
+            upstream: self.upstream.clone(),
+            state: if clients > 0 { "attached" } else { "detached" },
+            clients,
+            created_at: clock::rfc3339(self.created_at),
+            last_active_at: clock::rfc3339(SystemTime::now() - age),
+        }
+    }
+}
+
+/// A place held for one client between the 101 and the attach.
+pub struct Reservation {
+    session: Option<Arc<Session>>,
+    mode: AttachMode,
+}
+
+impl Reservation {
+    pub fn session(&self) -> Option<&Arc<Session>> {
+        self.session.as_ref()
+    }
+
+    /// Hands the upgraded client to the driver. Under `takeover`, every
+    /// client attached before is kicked first.
+    pub async fn attach(mut self, io: ClientIo, conn: ConnGuard) -> bool {
+        let Some(session) = self.session.take() else {
+            return false;
+        };
+        let kicked = {
+            let mut generation = session.generation.lock().unwrap_or_else(|p| p.into_inner());
+            if self.mode == AttachMode::Takeover {
+                generation.cancel();
+                *generation = CancellationToken::new();
+            }
+            generation.child_token()
+        };
+        let ok = session.send(Cmd::Attach { io, kicked, conn }).await;
+        if !ok {
+            let mut st = session.attach_state();
+            st.pending = st.pending.saturating_sub(1);
+        }
+        ok
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            let mut st = session.attach_state();
+            st.pending = st.pending.saturating_sub(1);
+        }
+    }
+}
+
+/// The sessions this node owns, by id.
+#[derive(Default)]
+pub struct SessionTable {
+    map: DashMap<Arc<str>, Arc<Session>>,
+}
+
+impl SessionTable {
+    pub fn get(&self, id: &str) -> Option<Arc<Session>> {
+        self.map.get(id).map(|e| e.value().clone())
+    }
+
+    /// Inserts `session` unless one with its id exists.
+    pub fn insert_new(&self, session: &Arc<Session>) -> Result<(), Arc<Session>> {
+        match self.map.entry(session.id.clone()) {
+            dashmap::mapref::entry::Entry::Occupied(e) => Err(e.get().clone()),
+            dashmap::mapref::entry::Entry::Vacant(v) => {
+                v.insert(session.clone());
+                Ok(())
+            }
+        }
+    }
+
+    /// Removes `session` if it is still the one in the table.
+    pub fn remove(&self, session: &Arc<Session>) {
+        self.map
+            .remove_if(&session.id, |_, v| Arc::ptr_eq(v, session));
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.map.iter().map(|e| e.value().clone()).collect()
+    }
+}

@@ -1,0 +1,230 @@
+//! Opening the upstream WebSocket: TCP (and TLS for wss://), the client
+//! handshake written and checked by hand, and the active health probe.
+
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::BytesMut;
+use sha1::{Digest, Sha1};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls::pki_types::ServerName;
+
+use super::io::UpstreamIo;
+use crate::config::UpstreamUrl;
+use crate::tls::UpstreamTls;
+
+/// Largest upstream response head accepted.
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+
+const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 §4.2.2).
+pub fn accept_key(key: &[u8]) -> String {
+    let mut sha = Sha1::new();
+    sha.update(key);
+    sha.update(WS_GUID.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    #[error("upstream answered {status} instead of 101")]
+    Refused { status: u16 },
+    #[error("bad handshake: {0}")]
+    BadHandshake(&'static str),
+}
+
+impl DialError {
+    /// Whether the failure says the upstream is unwell (counts towards its
+    /// circuit breaker) rather than that it refused this one request.
+    pub fn is_upstream_fault(&self) -> bool {
+        !matches!(self, DialError::Refused { status } if (400..500).contains(status))
+    }
+}
+
+/// What the broker sends upstream besides the handshake's own headers.
+pub struct DialRequest<'a> {
+    /// The client's path and query, e.g. `/chat?room=1`.
+    pub path_and_query: &'a str,
+    /// End-to-end headers to pass on (already filtered), then the
+    /// X-Forwarded-* and X-Session-* headers.
+    pub headers: &'a [(String, String)],
+}
+
+/// An open upstream WebSocket.
+pub struct UpstreamConn {
+    pub io: UpstreamIo,
+    /// The subprotocol the upstream selected, if any.
+    pub protocol: Option<String>,
+    /// Frame bytes that arrived together with the 101.
+    pub leftover: BytesMut,
+}
+
+async fn connect_io(url: &UpstreamUrl, tls: &UpstreamTls) -> Result<UpstreamIo, DialError> {
+    let tcp = TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .map_err(DialError::Connect)?;
+    let _ = tcp.set_nodelay(true);
+    if !url.tls {
+        return Ok(UpstreamIo::Plain(tcp));
+    }
+    let name = ServerName::try_from(url.host.clone())
+        .map_err(|_| DialError::BadHandshake("upstream host is not a valid TLS server name"))?;
+    let stream = tls
+        .connector()
+        .connect(name, tcp)
+        .await
+        .map_err(DialError::Tls)?;
+    Ok(UpstreamIo::Tls(Box::new(stream)))
+}
+
+/// Opens the upstream WebSocket for one session within `timeout`.
+pub async fn dial(
+    url: &UpstreamUrl,
+    tls: &UpstreamTls,
+    timeout: Duration,
+    req: &DialRequest<'_>,
+) -> Result<UpstreamConn, DialError> {
+    tokio::time::timeout(timeout, dial_inner(url, tls, req))
+        .await
+        .map_err(|_| DialError::Timeout(timeout))?
+}
+
+async fn dial_inner(
+    url: &UpstreamUrl,
+    tls: &UpstreamTls,
+    req: &DialRequest<'_>,
+) -> Result<UpstreamConn, DialError> {
+    let mut io = connect_io(url, tls).await?;
+    let mut key_bytes = [0u8; 16];
+    fastrand::fill(&mut key_bytes);
+    let key = base64::engine::general_purpose::STANDARD.encode(key_bytes);
+    let default_port = if url.tls { 443 } else { 80 };
+    let host = if url.port == default_port {
+        url.authority()
+            .rsplit_once(':')
+            .map(|(h, _)| h.to_string())
+            .unwrap_or_default()
+    } else {
+        url.authority()
+    };
+    let path = if req.path_and_query.starts_with('/') {
+        format!("{}{}", url.base_path, req.path_and_query)
+    } else {
+        format!("{}/{}", url.base_path, req.path_and_query)
+    };
+    let mut head = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"
+    );
+    let mut offered_protocols = Vec::new();
+    for (name, value) in req.headers {
+        if name.eq_ignore_ascii_case("sec-websocket-protocol") {
+            offered_protocols.extend(value.split(',').map(|p| p.trim().to_string()));
+        }
+        head.push_str(name);
+        head.push_str(": ");
+        head.push_str(value);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    io.write_all(head.as_bytes())
+        .await
+        .map_err(DialError::Connect)?;
+
+    let mut buf = BytesMut::with_capacity(1024);
+    let head_len = loop {
+        if let Some(i) = find_head_end(&buf) {
+            break i;
+        }
+        if buf.len() >= MAX_RESPONSE_HEAD {
+            return Err(DialError::BadHandshake("response head too large"));
+        }
+        let n = io.read_buf(&mut buf).await.map_err(DialError::Connect)?;
+        if n == 0 {
+            return Err(DialError::BadHandshake(
+                "connection closed during the handshake",
+            ));
+        }
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(&buf[..head_len]) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(DialError::BadHandshake("malformed response head")),
+    }
+    let status = resp.code.unwrap_or(0);
+    if status != 101 {
+        return Err(DialError::Refused { status });
+    }
+    let header = |name: &str| {
+        resp.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(str::trim)
+    };
+    if !header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket")) {
+        return Err(DialError::BadHandshake("missing Upgrade: websocket"));
+    }
+    if header("sec-websocket-accept") != Some(accept_key(key.as_bytes()).as_str()) {
+        return Err(DialError::BadHandshake("wrong Sec-WebSocket-Accept"));
+    }
+    if header("sec-websocket-extensions").is_some_and(|v| !v.is_empty()) {
+        return Err(DialError::BadHandshake(
+            "upstream negotiated an extension it was not offered",
+        ));
+    }
+    let protocol = header("sec-websocket-protocol").map(str::to_string);
+    if let Some(p) = &protocol {
+        if !offered_protocols.iter().any(|o| o == p) {
+            return Err(DialError::BadHandshake(
+                "upstream selected a subprotocol it was not offered",
+            ));
+        }
+    }
+    let leftover = buf.split_off(head_len);
+    Ok(UpstreamConn {
+        io,
+        protocol,
+        leftover,
+    })
+}
+
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+/// Active health probe: TCP connect, plus the TLS handshake for wss://.
+pub async fn probe(url: &UpstreamUrl, tls: &UpstreamTls, timeout: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, connect_io(url, tls)).await,
+        Ok(Ok(_))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_key_matches_the_rfc_example() {
+        assert_eq!(
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn only_client_errors_spare_the_breaker() {
+        assert!(!DialError::Refused { status: 403 }.is_upstream_fault());
+        assert!(DialError::Refused { status: 503 }.is_upstream_fault());
+        assert!(DialError::Timeout(Duration::from_secs(1)).is_upstream_fault());
+    }
+}
