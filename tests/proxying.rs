@@ -1,0 +1,220 @@
+//! Proxying through one node: messages of every kind both ways, the
+//! upstream handshake's headers, subprotocols, session-id sources, wss://.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use wsbroker::proxy::frame;
+
+#[tokio::test]
+async fn text_and_binary_messages_echo_through_the_node() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "").await;
+    let mut ws = connect(&node.url("/echo?session=s1")).await;
+    echo(&mut ws, "hello").await;
+    let big = vec![7u8; 200_000];
+    ws.send(Message::binary(big.clone())).await.expect("send");
+    assert_eq!(next_data(&mut ws).await, Message::binary(big));
+    assert_eq!(up.messages_for("s1").len(), 2);
+}
+
+#[tokio::test]
+async fn upstream_handshake_carries_the_contract_headers() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "").await;
+    let (mut ws, resp) = connect_with(
+        &node.url("/room/7?session=abc&x=1"),
+        &[
+            ("Cookie", "theme=dark"),
+            ("Authorization", "Bearer secret"),
+            ("Origin", "https://app.example"),
+            ("Sec-WebSocket-Protocol", "chat.v2, chat.v1"),
+            ("X-Forwarded-For", "203.0.113.9"),
+            ("X-Session-Epoch", "77"),
+        ],
+    )
+    .await
+    .expect("upgrade");
+    echo(&mut ws, "x").await;
+    assert_eq!(
+        resp.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()),
+        Some("chat.v2"),
+        "the upstream's subprotocol choice reaches the client"
+    );
+    assert_eq!(resp.headers().get("x-session-id").and_then(|v| v.to_str().ok()), Some("abc"));
+    let hs = up.handshakes().pop().expect("one handshake");
+    assert_eq!(hs.path, "/room/7?session=abc&x=1");
+    assert_eq!(hs.header("cookie"), Some("theme=dark"));
+    assert_eq!(hs.header("authorization"), Some("Bearer secret"));
+    assert_eq!(hs.header("origin"), Some("https://app.example"));
+    assert_eq!(hs.header("sec-websocket-protocol"), Some("chat.v2, chat.v1"));
+    assert_eq!(hs.header("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
+    assert_eq!(hs.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(hs.header("x-forwarded-host"), Some(node.public.to_string().as_str()));
+    assert_eq!(hs.header("x-session-id"), Some("abc"));
+    assert_eq!(hs.header("x-session-epoch"), Some("1"), "a client cannot set the epoch");
+    assert_eq!(hs.header("sec-websocket-extensions"), None);
+}
+
+#[tokio::test]
+async fn fragmented_messages_and_pings_are_relayed() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "").await;
+    let (mut s, _) = raw_upgrade(node.public, "/?session=frag").await;
+    // A text message in three fragments with a ping between two of them.
+    let mut first = frame::encode_frame(frame::OP_TEXT, b"hel", true);
+    first[0] &= 0x7f;
+    let mut middle = frame::encode_frame(frame::OP_CONTINUATION, b"lo ", true);
+    middle[0] &= 0x7f;
+    let ping = frame::encode_frame(frame::OP_PING, b"p1", true);
+    let last = frame::encode_frame(frame::OP_CONTINUATION, b"world", true);
+    for part in [&first, &middle, &ping, &last] {
+        s.write_all(part).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Expect the pong for p1 and the echo of the whole message.
+    let mut got = Vec::new();
+    let mut pong = false;
+    let mut text = None;
+    while text.is_none() || !pong {
+        let mut chunk = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await.expect("reply").expect("read");
+        assert!(n > 0);
+        got.extend_from_slice(&chunk[..n]);
+        while let Some(h) = frame::parse_header(&got) {
+            let len = h.header_len + h.payload_len as usize;
+            if got.len() < len {
+                break;
+            }
+            let payload = frame::frame_payload(&got[..len]);
+            match h.opcode {
+                frame::OP_PONG => {
+                    assert_eq!(payload, b"p1");
+                    pong = true;
+                }
+                frame::OP_TEXT => text = Some(String::from_utf8(payload).expect("utf8")),
+                _ => {}
+            }
+            got.drain(..len);
+        }
+    }
+    assert_eq!(text.as_deref(), Some("hello world"));
+    assert_eq!(up.messages_for("frag"), vec![Message::text("hello world")]);
+}
+
+#[tokio::test]
+async fn close_codes_pass_through_both_ways() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "").await;
+
+    let mut ws = connect(&node.url("/?session=c1")).await;
+    echo(&mut ws, "hi").await;
+    ws.close(Some(CloseFrame {
+        code: CloseCode::from(4100),
+        reason: "bye now".into(),
+    }))
+    .await
+    .expect("close");
+    eventually(Duration::from_secs(5), "upstream sees the client's close", || async {
+        up.closes_for("c1") == vec![(4100, "bye now".to_string())]
+    })
+    .await;
+
+    let mut ws = connect(&node.url("/?session=c2")).await;
+    ws.send(Message::text("close 4200 see you later")).await.expect("send");
+    let (code, reason) = expect_close(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!((code, reason.as_str()), (4200, "see you later"));
+    eventually(Duration::from_secs(5), "session c2 gone", || async { node.broker().sessions.get("c2").is_none() }).await;
+}
+
+#[tokio::test]
+async fn session_id_from_header_cookie_and_path() {
+    let up = TestUpstream::start().await;
+    for (key, path, headers, want) in [
+        ("header:X-Sid", "/", vec![("X-Sid", "from-header")], "from-header"),
+        ("cookie:sid", "/", vec![("Cookie", "a=b; sid=from-cookie")], "from-cookie"),
+        ("path:2", "/rooms/from-path/ws", vec![], "from-path"),
+    ] {
+        let node = TestNode::start(&[up.url()], &format!("[session]\nkey = \"{key}\"\n")).await;
+        let (mut ws, resp) = connect_with(&node.url(path), &headers).await.expect("upgrade");
+        echo(&mut ws, "x").await;
+        assert_eq!(resp.headers().get("x-session-id").and_then(|v| v.to_str().ok()), Some(want), "{key}");
+        assert!(node.broker().sessions.get(want).is_some(), "{key}: session {want} exists");
+    }
+}
+
+#[tokio::test]
+async fn missing_ids_are_minted_and_returned() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "").await;
+    let (mut ws, resp) = connect_with(&node.url("/"), &[]).await.expect("upgrade");
+    let id = resp.headers().get("x-session-id").and_then(|v| v.to_str().ok()).expect("minted id").to_string();
+    assert_eq!(id.len(), 32);
+    echo(&mut ws, "x").await;
+    assert_eq!(up.handshakes()[0].header("x-session-id"), Some(id.as_str()));
+
+    let node = TestNode::start(&[up.url()], "[session]\nkey = \"cookie:sid\"\n").await;
+    let (_ws, resp) = connect_with(&node.url("/"), &[]).await.expect("upgrade");
+    let id = resp.headers().get("x-session-id").and_then(|v| v.to_str().ok()).expect("minted id").to_string();
+    let cookie = resp.headers().get("set-cookie").and_then(|v| v.to_str().ok()).expect("set-cookie");
+    assert_eq!(cookie, format!("sid={id}; Path=/; HttpOnly; SameSite=Lax"));
+}
+
+#[tokio::test]
+async fn wss_on_the_public_listener() {
+    let up = TestUpstream::start().await;
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let dir = std::env::temp_dir().join(format!("wsbroker-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).expect("write key");
+    let node = TestNode::start(
+        &[up.url()],
+        &format!("[tls]\ncert = \"{}\"\nkey = \"{}\"\n[session]\nkey = \"cookie:sid\"\n", cert_path.display(), key_path.display()),
+    )
+    .await;
+
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).expect("root");
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(node.public).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("localhost".try_into().expect("name"), tcp)
+        .await
+        .expect("TLS handshake");
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("wss://localhost:{}/", node.public.port()), tls)
+        .await
+        .expect("upgrade over TLS");
+    ws.send(Message::text("secure")).await.expect("send");
+    let got = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("reply").expect("open").expect("msg");
+    assert_eq!(got, Message::text("secure"));
+    let cookie = resp.headers().get("set-cookie").and_then(|v| v.to_str().ok()).expect("set-cookie");
+    assert!(cookie.ends_with("; Secure"), "{cookie}");
+    assert_eq!(up.handshakes()[0].header("x-forwarded-proto"), Some("https"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn messages_the_upstream_starts_reach_the_client_in_order() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "").await;
+    let mut ws = connect(&node.url("/?session=g")).await;
+    ws.send(Message::text("later 0 3")).await.expect("send");
+    for i in 0..3 {
+        assert_eq!(next_data(&mut ws).await, Message::text(format!("msg-{i}")));
+    }
+}
