@@ -8,6 +8,7 @@
 //! one reader task per client (`client_reader.rs`).
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -195,7 +196,7 @@ impl Driver {
             let last = self
                 .session
                 .last_active_ms
-                .load(std::sync::atomic::Ordering::Relaxed);
+                .load(Ordering::Relaxed);
             let idle_at = clock::instant_at(last) + idle;
             let grace_at = self.detached.as_ref().map(|d| d.deadline);
             let end_at = self.end_at.as_ref().map(|(t, _)| *t);
@@ -231,7 +232,7 @@ impl Driver {
                     return Stop::Done;
                 }
                 _ = sleep_until(idle_at) => {
-                    let last = self.session.last_active_ms.load(std::sync::atomic::Ordering::Relaxed);
+                    let last = self.session.last_active_ms.load(Ordering::Relaxed);
                     if clock::instant_at(last) + idle <= Instant::now() {
                         return Stop::End(EndReason::IDLE);
                     }
@@ -373,11 +374,9 @@ impl Driver {
             self.upstream_closed = true;
             return Some(Stop::Done);
         }
-        if self
-            .detached
-            .as_ref()
-            .is_some_and(|d| d.buffer.len() > limit)
-        {
+        let held = self.detached.as_ref().map_or(0, |d| d.buffer.len());
+        self.session.buffered.store(held as u64, Ordering::Relaxed);
+        if held > limit {
             return Some(Stop::End(RESUME_OVERFLOW));
         }
         None
@@ -533,6 +532,7 @@ impl Driver {
             }
         }
         if let Some(d) = self.detached.take() {
+            self.session.buffered.store(0, Ordering::Relaxed);
             if d.synced {
                 let ok = client.writer.write_all(&d.buffer).await.is_ok();
                 if !ok {

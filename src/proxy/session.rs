@@ -126,6 +126,8 @@ pub struct Session {
     pub created_at: SystemTime,
     /// Last time a message moved, ms on [`clock`].
     pub last_active_ms: AtomicU64,
+    /// Upstream bytes held for replay while detached.
+    pub buffered: AtomicU64,
     attach: Mutex<AttachState>,
     /// Current takeover generation; clients of older generations are kicked.
     generation: Mutex<CancellationToken>,
@@ -145,6 +147,8 @@ pub struct SessionInfo {
     pub clients: usize,
     pub created_at: String,
     pub last_active_at: String,
+    /// Upstream bytes held for a client to resume.
+    pub buffered_bytes: u64,
 }
 
 impl Session {
@@ -162,6 +166,7 @@ impl Session {
             protocol,
             created_at: SystemTime::now(),
             last_active_ms: AtomicU64::new(clock::now_ms()),
+            buffered: AtomicU64::new(0),
             attach: Mutex::new(AttachState::default()),
             generation: Mutex::new(CancellationToken::new()),
             stopped: CancellationToken::new(),
@@ -242,6 +247,7 @@ impl Session {
             clients,
             created_at: clock::rfc3339(self.created_at),
             last_active_at: clock::rfc3339(SystemTime::now() - age),
+            buffered_bytes: self.buffered.load(Ordering::Relaxed),
         }
     }
 }

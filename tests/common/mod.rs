@@ -599,3 +599,37 @@ pub async fn raw_upgrade(addr: SocketAddr, path: &str) -> (TcpStream, Vec<u8>) {
         }
     }
 }
+
+/// Reads raw server frames from `s` (after `pending` bytes already read)
+/// until a Close frame; returns its code and reason. For close codes some
+/// client libraries refuse (1014).
+pub async fn raw_read_close(s: &mut TcpStream, mut pending: Vec<u8>, within: Duration) -> (u16, String) {
+    use wsbroker::proxy::frame;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        while let Some(h) = frame::parse_header(&pending) {
+            let len = h.header_len + h.payload_len as usize;
+            if pending.len() < len {
+                break;
+            }
+            if h.opcode == frame::OP_CLOSE {
+                return frame::parse_close(&frame::frame_payload(&pending[..len]));
+            }
+            pending.drain(..len);
+        }
+        let mut chunk = [0u8; 4096];
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let n = tokio::time::timeout(left, s.read(&mut chunk))
+            .await
+            .expect("a Close frame in time")
+            .expect("read");
+        assert!(n > 0, "connection ended without a Close frame");
+        pending.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Sends one masked text frame on a raw client socket.
+pub async fn raw_send_text(s: &mut TcpStream, text: &str) {
+    let f = wsbroker::proxy::frame::encode_frame(wsbroker::proxy::frame::OP_TEXT, text.as_bytes(), true);
+    s.write_all(&f).await.expect("write");
+}

@@ -1,0 +1,160 @@
+//! Sessions: attach modes, resume after an abrupt drop, grace expiry,
+//! buffer overflow, closes, idle timeout, upstream loss.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn session_gone(node: &TestNode, id: &str) {
+    eventually(Duration::from_secs(5), &format!("session {id} ended"), || async {
+        node.broker().sessions.get(id).is_none()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn takeover_replaces_the_old_client_with_4001() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "").await;
+    let mut first = connect(&node.url("/?session=t")).await;
+    echo(&mut first, "one").await;
+    let mut second = connect(&node.url("/?session=t")).await;
+    let (code, reason) = expect_close(&mut first, Duration::from_secs(5)).await;
+    assert_eq!((code, reason.as_str()), (4001, "session taken over"));
+    echo(&mut second, "two").await;
+    assert_eq!(up.connections_for("t"), 1, "the upstream connection is kept");
+}
+
+#[tokio::test]
+async fn shared_clients_all_receive_and_all_send() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "[session]\nattach = \"shared\"\n").await;
+    let mut a = connect(&node.url("/?session=sh")).await;
+    echo(&mut a, "ready").await;
+    let mut b = connect(&node.url("/?session=sh")).await;
+    eventually(Duration::from_secs(5), "two clients attached", || async {
+        node.broker().sessions.get("sh").map(|s| s.clients()) == Some(2)
+    })
+    .await;
+    a.send(Message::text("later 0 3")).await.expect("send");
+    for i in 0..3 {
+        let want = Message::text(format!("msg-{i}"));
+        assert_eq!(next_data(&mut a).await, want);
+        assert_eq!(next_data(&mut b).await, want);
+    }
+    b.send(Message::text("from-b")).await.expect("send");
+    assert_eq!(next_data(&mut a).await, Message::text("from-b"));
+    assert_eq!(next_data(&mut b).await, Message::text("from-b"));
+    assert_eq!(up.connections_for("sh"), 1);
+    // One shared client leaving does not end the session for the other.
+    a.close(None).await.expect("close");
+    drop(a);
+    echo(&mut b, "still here").await;
+}
+
+#[tokio::test]
+async fn exclusive_refuses_a_second_client_with_409() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "[session]\nattach = \"exclusive\"\n").await;
+    let mut a = connect(&node.url("/?session=ex")).await;
+    echo(&mut a, "x").await;
+    assert_eq!(upgrade_status(&node.url("/?session=ex"), &[]).await, 409);
+    echo(&mut a, "still served").await;
+}
+
+#[tokio::test]
+async fn resume_after_an_abrupt_drop_replays_buffered_messages_in_order() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "[session]\nresume_grace = \"10s\"\n").await;
+    let mut ws = connect(&node.url("/?session=r")).await;
+    echo(&mut ws, "before").await;
+    ws.send(Message::text("later 200 5")).await.expect("send");
+    drop(ws); // TCP closed without a Close frame
+    let session = node.broker().sessions.get("r").expect("session kept");
+    eventually(Duration::from_secs(5), "five messages buffered", || async {
+        session.buffered.load(std::sync::atomic::Ordering::Relaxed) == 5 * 7
+    })
+    .await;
+    assert_eq!(session.info("x").state, "detached");
+    let mut back = connect(&node.url("/?session=r")).await;
+    for i in 0..5 {
+        assert_eq!(next_data(&mut back).await, Message::text(format!("msg-{i}")));
+    }
+    echo(&mut back, "after").await;
+    assert_eq!(up.connections_for("r"), 1, "the same upstream connection");
+}
+
+#[tokio::test]
+async fn grace_expiry_ends_the_session_with_1001_upstream() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "[session]\nresume_grace = \"300ms\"\n").await;
+    let mut ws = connect(&node.url("/?session=g")).await;
+    echo(&mut ws, "x").await;
+    drop(ws);
+    session_gone(&node, "g").await;
+    eventually(Duration::from_secs(5), "upstream closed with 1001", || async {
+        up.closes_for("g").first().map(|c| c.0) == Some(1001)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn buffer_overflow_ends_the_session_with_1001_upstream() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "[session]\nresume_grace = \"30s\"\nresume_buffer = \"1KiB\"\n").await;
+    let mut ws = connect(&node.url("/?session=o")).await;
+    echo(&mut ws, "x").await;
+    ws.send(Message::text("later 100 400")).await.expect("send");
+    drop(ws);
+    session_gone(&node, "o").await;
+    eventually(Duration::from_secs(5), "upstream closed with 1001", || async {
+        up.closes_for("o").first().map(|c| c.0) == Some(1001)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_client_close_ends_the_session_at_once() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "[session]\nresume_grace = \"30s\"\n").await;
+    let mut ws = connect(&node.url("/?session=cc")).await;
+    echo(&mut ws, "x").await;
+    ws.close(None).await.expect("close");
+    let _ = expect_close(&mut ws, Duration::from_secs(5)).await;
+    session_gone(&node, "cc").await;
+    assert_eq!(up.closes_for("cc").first().map(|c| c.0), Some(1005), "a Close without a code passes through as such");
+    // A new connection with the same id is a new session.
+    let mut again = connect(&node.url("/?session=cc")).await;
+    echo(&mut again, "y").await;
+    assert_eq!(up.connections_for("cc"), 2);
+}
+
+#[tokio::test]
+async fn idle_sessions_are_closed_with_1001_both_ways() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "[session]\nidle_timeout = \"400ms\"\n").await;
+    let mut ws = connect(&node.url("/?session=idle")).await;
+    echo(&mut ws, "x").await;
+    let (code, _) = expect_close(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!(code, 1001);
+    eventually(Duration::from_secs(5), "upstream closed with 1001", || async {
+        up.closes_for("idle").first().map(|c| c.0) == Some(1001)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn losing_the_upstream_without_a_close_gives_clients_1014() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "").await;
+    // A raw client: some client libraries still refuse code 1014.
+    let (mut s, pending) = raw_upgrade(node.public, "/?session=lost").await;
+    raw_send_text(&mut s, "drop").await;
+    let (code, reason) = raw_read_close(&mut s, pending, Duration::from_secs(5)).await;
+    assert_eq!((code, reason.as_str()), (1014, "upstream connection lost"));
+    session_gone(&node, "lost").await;
+}
