@@ -25,7 +25,10 @@ async fn plateau(value: impl Fn() -> u64) -> u64 {
         } else if stable_since.elapsed() >= Duration::from_secs(1) {
             return now;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the flood never stalled: {now} bytes");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the flood never stalled: {now} bytes"
+        );
     }
 }
 
@@ -43,8 +46,15 @@ async fn a_client_that_stops_reading_holds_the_upstream_back() {
     // The client never reads again.
     let sent = plateau(|| up.flooded.load(Ordering::Relaxed)).await;
     let growth_kib = p.rss_kib().saturating_sub(before);
-    eprintln!("upstream got {} MiB out before stalling; node RSS grew {growth_kib} KiB", sent / MIB);
-    assert!(sent < 64 * MIB, "upstream was held back: it sent {} MiB", sent / MIB);
+    eprintln!(
+        "upstream got {} MiB out before stalling; node RSS grew {growth_kib} KiB",
+        sent / MIB
+    );
+    assert!(
+        sent < 64 * MIB,
+        "upstream was held back: it sent {} MiB",
+        sent / MIB
+    );
     assert!(growth_kib < 16 * 1024, "node RSS grew {growth_kib} KiB");
     drop(s);
 }
@@ -59,7 +69,11 @@ async fn an_upstream_that_stops_reading_holds_the_client_back() {
     let written = Arc::new(AtomicU64::new(0));
     let w = written.clone();
     let writer = tokio::spawn(async move {
-        let frame = wsbroker::proxy::frame::encode_frame(wsbroker::proxy::frame::OP_BINARY, &vec![1u8; 65536], true);
+        let frame = wsbroker::proxy::frame::encode_frame(
+            wsbroker::proxy::frame::OP_BINARY,
+            &vec![1u8; 65536],
+            true,
+        );
         while w.load(Ordering::Relaxed) < FLOOD {
             if s.write_all(&frame).await.is_err() {
                 return;
@@ -69,8 +83,15 @@ async fn an_upstream_that_stops_reading_holds_the_client_back() {
     });
     let sent = plateau(|| written.load(Ordering::Relaxed)).await;
     let growth_kib = p.rss_kib().saturating_sub(before);
-    eprintln!("client got {} MiB out before stalling; node RSS grew {growth_kib} KiB", sent / MIB);
-    assert!(sent < 64 * MIB, "client was held back: it wrote {} MiB", sent / MIB);
+    eprintln!(
+        "client got {} MiB out before stalling; node RSS grew {growth_kib} KiB",
+        sent / MIB
+    );
+    assert!(
+        sent < 64 * MIB,
+        "client was held back: it wrote {} MiB",
+        sent / MIB
+    );
     assert!(growth_kib < 16 * 1024, "node RSS grew {growth_kib} KiB");
     writer.abort();
 }

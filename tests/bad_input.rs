@@ -53,12 +53,27 @@ async fn no_session_id_without_minting_gets_400() {
 #[tokio::test]
 async fn plain_requests_get_426_except_health_and_live() {
     let (_up, node, mut by) = setup("").await;
-    let (status, headers, body) = http(node.public, "GET", "/anything", &[], b"").await.expect("reply");
+    let (status, headers, body) = http(node.public, "GET", "/anything", &[], b"")
+        .await
+        .expect("reply");
     assert_eq!(status, 426);
-    assert_eq!(headers.get("upgrade").map(String::as_str), Some("websocket"));
+    assert_eq!(
+        headers.get("upgrade").map(String::as_str),
+        Some("websocket")
+    );
     assert!(String::from_utf8_lossy(&body).contains("WebSocket"));
-    assert_eq!(http(node.public, "GET", "/health", &[], b"").await.map(|r| r.0), Some(200));
-    assert_eq!(http(node.public, "GET", "/live", &[], b"").await.map(|r| r.0), Some(200));
+    assert_eq!(
+        http(node.public, "GET", "/health", &[], b"")
+            .await
+            .map(|r| r.0),
+        Some(200)
+    );
+    assert_eq!(
+        http(node.public, "GET", "/live", &[], b"")
+            .await
+            .map(|r| r.0),
+        Some(200)
+    );
     still_serving(&mut by).await;
 }
 
@@ -66,7 +81,9 @@ async fn plain_requests_get_426_except_health_and_live() {
 async fn malformed_request_head_gets_400() {
     let (_up, node, mut by) = setup("").await;
     let mut s = TcpStream::connect(node.public).await.expect("connect");
-    s.write_all(b"THIS IS NOT HTTP\r\n\x01\x02\r\n\r\n").await.expect("write");
+    s.write_all(b"THIS IS NOT HTTP\r\n\x01\x02\r\n\r\n")
+        .await
+        .expect("write");
     assert_eq!(raw_status(&mut s).await, Some(400));
     still_serving(&mut by).await;
 }
@@ -87,7 +104,10 @@ async fn incomplete_upgrade_is_dropped_after_handshake_timeout() {
     let (_up, node, mut by) = setup("[limits]\nhandshake_timeout = \"500ms\"\n").await;
     let started = tokio::time::Instant::now();
     let mut partial = TcpStream::connect(node.public).await.expect("connect");
-    partial.write_all(b"GET /?session=slow HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n").await.expect("write");
+    partial
+        .write_all(b"GET /?session=slow HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n")
+        .await
+        .expect("write");
     let mut silent = TcpStream::connect(node.public).await.expect("connect");
     for s in [&mut partial, &mut silent] {
         let mut buf = [0u8; 64];
@@ -98,7 +118,10 @@ async fn incomplete_upgrade_is_dropped_after_handshake_timeout() {
         assert_eq!(n, 0, "dropped without a response");
     }
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(450) && took < Duration::from_secs(3), "dropped after {took:?}");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "dropped after {took:?}"
+    );
     still_serving(&mut by).await;
 }
 
@@ -123,7 +146,10 @@ async fn no_upstream_available_gets_502() {
     let (_up, _node, mut by) = setup("").await;
     let dead = format!("ws://127.0.0.1:{}", free_port());
     let node = TestNode::start(&[dead], "").await;
-    assert_eq!(upgrade_status(&node.url("/?session=nowhere"), &[]).await, 502);
+    assert_eq!(
+        upgrade_status(&node.url("/?session=nowhere"), &[]).await,
+        502
+    );
     assert!(node.broker().sessions.get("nowhere").is_none());
     still_serving(&mut by).await;
 }
@@ -131,7 +157,11 @@ async fn no_upstream_available_gets_502() {
 #[tokio::test]
 async fn forged_node_to_node_hop_gets_403() {
     let (_up, node, mut by) = setup("").await;
-    let status = upgrade_status(&node.url("/?session=forged"), &[("X-Wsbroker-Hop", "node-b;1;deadbeef")]).await;
+    let status = upgrade_status(
+        &node.url("/?session=forged"),
+        &[("X-Wsbroker-Hop", "node-b;1;deadbeef")],
+    )
+    .await;
     assert_eq!(status, 403);
     assert!(node.broker().sessions.get("forged").is_none());
     still_serving(&mut by).await;
@@ -142,14 +172,22 @@ async fn client_message_over_the_limit_closes_it_with_1009() {
     let (up, node, mut by) = setup("[limits]\nmax_message_size = \"1KiB\"\n").await;
     let mut ws = connect(&node.url("/?session=big")).await;
     echo(&mut ws, "small").await;
-    ws.send(Message::binary(vec![0u8; 2048])).await.expect("send");
+    ws.send(Message::binary(vec![0u8; 2048]))
+        .await
+        .expect("send");
     let (code, _) = expect_close(&mut ws, Duration::from_secs(5)).await;
     assert_eq!(code, 1009);
-    eventually(Duration::from_secs(5), "upstream told the session ended", || async {
-        up.closes_for("big").first().map(|c| c.0) == Some(1001)
-    })
+    eventually(
+        Duration::from_secs(5),
+        "upstream told the session ended",
+        || async { up.closes_for("big").first().map(|c| c.0) == Some(1001) },
+    )
     .await;
-    assert_eq!(up.messages_for("big").len(), 1, "no part of the big message went upstream");
+    assert_eq!(
+        up.messages_for("big").len(),
+        1,
+        "no part of the big message went upstream"
+    );
     still_serving(&mut by).await;
 }
 
@@ -160,9 +198,11 @@ async fn upstream_message_over_the_limit_closes_it_with_1009() {
     raw_send_text(&mut s, "flood 1 2048").await;
     let (code, _) = raw_read_close(&mut s, pending, Duration::from_secs(5)).await;
     assert_eq!(code, 1014, "the client learns its upstream misbehaved");
-    eventually(Duration::from_secs(5), "the upstream is closed with 1009", || async {
-        up.closes_for("bigdown").first().map(|c| c.0) == Some(1009)
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the upstream is closed with 1009",
+        || async { up.closes_for("bigdown").first().map(|c| c.0) == Some(1009) },
+    )
     .await;
     still_serving(&mut by).await;
 }
@@ -170,6 +210,9 @@ async fn upstream_message_over_the_limit_closes_it_with_1009() {
 #[tokio::test]
 async fn exclusive_session_already_attached_gets_409() {
     let (_up, node, mut by) = setup("[session]\nattach = \"exclusive\"\n").await;
-    assert_eq!(upgrade_status(&node.url("/?session=bystander"), &[]).await, 409);
+    assert_eq!(
+        upgrade_status(&node.url("/?session=bystander"), &[]).await,
+        409
+    );
     still_serving(&mut by).await;
 }

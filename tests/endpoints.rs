@@ -36,7 +36,12 @@ async fn health_reports_the_single_node_values() {
         assert_eq!(ups[0]["circuit"], "closed");
         assert_eq!(ups[0]["sessions"], 2);
     }
-    assert_eq!(http(node.public, "GET", "/live", &[], b"").await.map(|r| r.0), Some(200));
+    assert_eq!(
+        http(node.public, "GET", "/live", &[], b"")
+            .await
+            .map(|r| r.0),
+        Some(200)
+    );
 }
 
 #[tokio::test]
@@ -47,7 +52,9 @@ async fn metrics_export_every_contract_name_and_count_traffic() {
     for i in 0..3 {
         echo(&mut ws, &format!("m{i}")).await;
     }
-    let (status, _, body) = http(node.admin, "GET", "/metrics", &[], b"").await.expect("metrics");
+    let (status, _, body) = http(node.admin, "GET", "/metrics", &[], b"")
+        .await
+        .expect("metrics");
     assert_eq!(status, 200, "metrics need no token");
     let text = String::from_utf8(body).expect("utf8");
     let value = |line_start: &str| -> f64 {
@@ -60,8 +67,14 @@ async fn metrics_export_every_contract_name_and_count_traffic() {
     assert_eq!(value("wsbroker_connections_active "), 1.0);
     assert_eq!(value("wsbroker_sessions_active "), 1.0);
     assert_eq!(value("wsbroker_upgrades_total{result=\"new\"}"), 1.0);
-    assert_eq!(value("wsbroker_messages_total{direction=\"upstream\"}"), 3.0);
-    assert_eq!(value("wsbroker_messages_total{direction=\"downstream\"}"), 3.0);
+    assert_eq!(
+        value("wsbroker_messages_total{direction=\"upstream\"}"),
+        3.0
+    );
+    assert_eq!(
+        value("wsbroker_messages_total{direction=\"downstream\"}"),
+        3.0
+    );
     assert!(value("wsbroker_bytes_total{direction=\"upstream\"}") >= 3.0 * 8.0);
     assert_eq!(value("wsbroker_registry_up "), 1.0);
     assert_eq!(value("wsbroker_cluster_instances "), 1.0);
@@ -75,17 +88,42 @@ async fn metrics_export_every_contract_name_and_count_traffic() {
 async fn admin_needs_the_token_as_bearer_or_basic_password() {
     let up = TestUpstream::start().await;
     let node = TestNode::start(&[up.url()], "").await;
-    let (status, headers, _) = http(node.admin, "GET", "/admin/sessions", &[], b"").await.expect("reply");
+    let (status, headers, _) = http(node.admin, "GET", "/admin/sessions", &[], b"")
+        .await
+        .expect("reply");
     assert_eq!(status, 401);
-    assert_eq!(headers.get("www-authenticate").map(String::as_str), Some("Basic realm=\"wsbroker\""));
-    let wrong = http(node.admin, "GET", "/admin/sessions", &[("Authorization", "Bearer nope")], b"").await;
+    assert_eq!(
+        headers.get("www-authenticate").map(String::as_str),
+        Some("Basic realm=\"wsbroker\"")
+    );
+    let wrong = http(
+        node.admin,
+        "GET",
+        "/admin/sessions",
+        &[("Authorization", "Bearer nope")],
+        b"",
+    )
+    .await;
     assert_eq!(wrong.map(|r| r.0), Some(401));
     // "anyone:t0ken" in base64.
-    let basic = http(node.admin, "GET", "/admin/", &[("Authorization", "Basic YW55b25lOnQwa2Vu")], b"").await.expect("reply");
+    let basic = http(
+        node.admin,
+        "GET",
+        "/admin/",
+        &[("Authorization", "Basic YW55b25lOnQwa2Vu")],
+        b"",
+    )
+    .await
+    .expect("reply");
     assert_eq!(basic.0, 200);
     assert!(String::from_utf8_lossy(&basic.2).contains("<title>wsbroker status</title>"));
     assert_eq!(admin_json(node.admin, "/admin/sessions").await.0, 200);
-    assert_eq!(http(node.admin, "POST", "/admin/drain", &[], b"").await.map(|r| r.0), Some(401));
+    assert_eq!(
+        http(node.admin, "POST", "/admin/drain", &[], b"")
+            .await
+            .map(|r| r.0),
+        Some(401)
+    );
 }
 
 #[tokio::test]
@@ -107,7 +145,10 @@ async fn sessions_api_lists_and_describes_sessions() {
     assert_eq!(s["clients"], 1);
     for t in ["created_at", "last_active_at"] {
         let v = s[t].as_str().expect("time");
-        assert!(time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339).is_ok(), "{t} = {v}");
+        assert!(
+            time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339).is_ok(),
+            "{t} = {v}"
+        );
     }
     let (status, one) = admin_json(node.admin, "/admin/sessions/api-1").await;
     assert_eq!((status, one["id"].as_str()), (200, Some("api-1")));
@@ -130,15 +171,21 @@ async fn delete_ends_a_session_with_4002_and_1000() {
     let mut ws = connect(&node.url("/?session=del")).await;
     echo(&mut ws, "x").await;
     let auth = [("Authorization", "Bearer t0ken")];
-    let (status, _, _) = http(node.admin, "DELETE", "/admin/sessions/del", &auth, b"").await.expect("reply");
+    let (status, _, _) = http(node.admin, "DELETE", "/admin/sessions/del", &auth, b"")
+        .await
+        .expect("reply");
     assert_eq!(status, 200);
     let (code, reason) = expect_close(&mut ws, Duration::from_secs(5)).await;
     assert_eq!((code, reason.as_str()), (4002, "ended by operator"));
-    eventually(Duration::from_secs(5), "upstream closed with 1000", || async {
-        up.closes_for("del").first().map(|c| c.0) == Some(1000)
-    })
+    eventually(
+        Duration::from_secs(5),
+        "upstream closed with 1000",
+        || async { up.closes_for("del").first().map(|c| c.0) == Some(1000) },
+    )
     .await;
-    let (status, _, _) = http(node.admin, "DELETE", "/admin/sessions/del", &auth, b"").await.expect("reply");
+    let (status, _, _) = http(node.admin, "DELETE", "/admin/sessions/del", &auth, b"")
+        .await
+        .expect("reply");
     assert_eq!(status, 404);
 }
 
@@ -148,15 +195,39 @@ async fn send_delivers_text_and_binary_messages() {
     let node = TestNode::start(&[up.url()], "").await;
     let mut ws = connect(&node.url("/?session=push")).await;
     echo(&mut ws, "x").await;
-    let text = [("Authorization", "Bearer t0ken"), ("Content-Type", "text/plain")];
-    let (status, _, _) = http(node.admin, "POST", "/admin/sessions/push/send", &text, b"hello from ops").await.expect("reply");
+    let text = [
+        ("Authorization", "Bearer t0ken"),
+        ("Content-Type", "text/plain"),
+    ];
+    let (status, _, _) = http(
+        node.admin,
+        "POST",
+        "/admin/sessions/push/send",
+        &text,
+        b"hello from ops",
+    )
+    .await
+    .expect("reply");
     assert_eq!(status, 202);
     assert_eq!(next_data(&mut ws).await, Message::text("hello from ops"));
-    let bin = [("Authorization", "Bearer t0ken"), ("Content-Type", "application/octet-stream")];
-    let (status, _, _) = http(node.admin, "POST", "/admin/sessions/push/send", &bin, &[1, 2, 3]).await.expect("reply");
+    let bin = [
+        ("Authorization", "Bearer t0ken"),
+        ("Content-Type", "application/octet-stream"),
+    ];
+    let (status, _, _) = http(
+        node.admin,
+        "POST",
+        "/admin/sessions/push/send",
+        &bin,
+        &[1, 2, 3],
+    )
+    .await
+    .expect("reply");
     assert_eq!(status, 202);
     assert_eq!(next_data(&mut ws).await, Message::binary(vec![1u8, 2, 3]));
-    let (status, _, _) = http(node.admin, "POST", "/admin/sessions/none/send", &text, b"x").await.expect("reply");
+    let (status, _, _) = http(node.admin, "POST", "/admin/sessions/none/send", &text, b"x")
+        .await
+        .expect("reply");
     assert_eq!(status, 404);
     // The session goes on normally afterwards.
     ws.send(Message::text("y")).await.expect("send");

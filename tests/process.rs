@@ -26,12 +26,16 @@ async fn drain_with(trigger: impl FnOnce(&BrokerProcess), n: usize) {
     }
     let started = Instant::now();
     trigger(&p);
-    eventually(Duration::from_secs(1), "/health says 503 draining", || async {
-        match http(p.public, "GET", "/health", &[], b"").await {
-            Some((503, _, body)) => String::from_utf8_lossy(&body).contains("\"draining\""),
-            _ => false,
-        }
-    })
+    eventually(
+        Duration::from_secs(1),
+        "/health says 503 draining",
+        || async {
+            match http(p.public, "GET", "/health", &[], b"").await {
+                Some((503, _, body)) => String::from_utf8_lossy(&body).contains("\"draining\""),
+                _ => false,
+            }
+        },
+    )
     .await;
     assert_eq!(
         upgrade_status(&format!("ws://{}/?session=new-during-drain", p.public), &[]).await,
@@ -46,11 +50,21 @@ async fn drain_with(trigger: impl FnOnce(&BrokerProcess), n: usize) {
     }
     let status = p.wait_exit(Duration::from_secs(5)).await;
     assert!(status.success(), "clean exit: {status:?}");
-    assert!(started.elapsed() < Duration::from_secs(3) + Duration::from_millis(1500), "exit by drain_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(3) + Duration::from_millis(1500),
+        "exit by drain_timeout"
+    );
     let last = arrivals.iter().max().copied().unwrap_or_default();
-    assert!(last <= Duration::from_millis(1500 + 700), "all closed within the jitter window (half of 3 s): {last:?}");
+    assert!(
+        last <= Duration::from_millis(1500 + 700),
+        "all closed within the jitter window (half of 3 s): {last:?}"
+    );
     for i in 0..n {
-        assert_eq!(up.closes_for(&format!("d{i}")).first().map(|c| c.0), Some(1001), "upstream of d{i} told 1001");
+        assert_eq!(
+            up.closes_for(&format!("d{i}")).first().map(|c| c.0),
+            Some(1001),
+            "upstream of d{i} told 1001"
+        );
     }
 }
 
@@ -76,8 +90,14 @@ async fn sigterm_drains_with_jittered_1012() {
     assert!(results.iter().all(|(code, _)| *code == 1012));
     let first = results.iter().map(|r| r.1).min().unwrap_or_default();
     let last = results.iter().map(|r| r.1).max().unwrap_or_default();
-    assert!(last - first >= Duration::from_millis(300), "closes are spread out: first {first:?}, last {last:?}");
-    assert!(last <= Duration::from_millis(2200), "within half of drain_timeout (plus slack): {last:?}");
+    assert!(
+        last - first >= Duration::from_millis(300),
+        "closes are spread out: first {first:?}, last {last:?}"
+    );
+    assert!(
+        last <= Duration::from_millis(2200),
+        "within half of drain_timeout (plus slack): {last:?}"
+    );
     assert!(p.wait_exit(Duration::from_secs(5)).await.success());
 }
 
@@ -98,8 +118,17 @@ async fn admin_drain_follows_the_contract() {
             let admin = p.admin;
             // Fire the request from a thread: the trigger is synchronous.
             std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
-                let r = rt.block_on(http(admin, "POST", "/admin/drain", &[("Authorization", "Bearer t0ken")], b""));
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("rt");
+                let r = rt.block_on(http(
+                    admin,
+                    "POST",
+                    "/admin/drain",
+                    &[("Authorization", "Bearer t0ken")],
+                    b"",
+                ));
                 assert_eq!(r.map(|r| r.0), Some(202));
             })
             .join()
@@ -120,7 +149,11 @@ async fn drain_timeout_bounds_the_exit_even_with_busy_clients() {
     let started = Instant::now();
     p.signal("TERM");
     p.wait_exit(Duration::from_secs(10)).await;
-    assert!(started.elapsed() < Duration::from_secs(8), "exit bounded: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "exit bounded: {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -128,19 +161,43 @@ async fn check_prints_the_effective_config_or_names_every_bad_key() {
     let dir = std::env::temp_dir().join(format!("wsbroker-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let good = dir.join("good.toml");
-    std::fs::write(&good, "[upstream]\nservers = [\"ws://127.0.0.1:9001\"]\n[cluster]\nsecret = \"hunter2\"\n").expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_wsbroker")).args(["check", "--config"]).arg(&good).output().expect("run");
+    std::fs::write(
+        &good,
+        "[upstream]\nservers = [\"ws://127.0.0.1:9001\"]\n[cluster]\nsecret = \"hunter2\"\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_wsbroker"))
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .expect("run");
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("resume_grace = \"30s\""), "{text}");
-    assert!(!text.contains("hunter2") && text.contains("<redacted>"), "{text}");
+    assert!(
+        !text.contains("hunter2") && text.contains("<redacted>"),
+        "{text}"
+    );
 
     let bad = dir.join("bad.toml");
-    std::fs::write(&bad, "[node]\nlisten = \"nope\"\ncolour = \"red\"\n[session]\nattach = \"sometimes\"\n").expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_wsbroker")).args(["check", "--config"]).arg(&bad).output().expect("run");
+    std::fs::write(
+        &bad,
+        "[node]\nlisten = \"nope\"\ncolour = \"red\"\n[session]\nattach = \"sometimes\"\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_wsbroker"))
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    for key in ["node.listen", "node.colour", "session.attach", "upstream.servers"] {
+    for key in [
+        "node.listen",
+        "node.colour",
+        "session.attach",
+        "upstream.servers",
+    ] {
         assert!(err.contains(key), "{key} not named in:\n{err}");
     }
     let out = Command::new(env!("CARGO_BIN_EXE_wsbroker"))
@@ -149,7 +206,10 @@ async fn check_prints_the_effective_config_or_names_every_bad_key() {
         .env("WSBROKER_SESSION_ATTACH", "shared")
         .output()
         .expect("run");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("attach = \"shared\""), "environment override applies");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("attach = \"shared\""),
+        "environment override applies"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -177,9 +237,19 @@ async fn demo_runs_with_nothing_else() {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         banner.push(rx.recv_timeout(left).expect("demo prints its banner"));
     }
-    let first_url = banner.iter().find(|l| l.contains("ws://")).expect("a ws:// URL");
-    let url = first_url.split_whitespace().find(|w| w.starts_with("ws://")).expect("url").to_string();
-    assert!(banner.iter().any(|l| l.contains("/health")) && banner.iter().any(|l| l.contains("/admin/")));
+    let first_url = banner
+        .iter()
+        .find(|l| l.contains("ws://"))
+        .expect("a ws:// URL");
+    let url = first_url
+        .split_whitespace()
+        .find(|w| w.starts_with("ws://"))
+        .expect("url")
+        .to_string();
+    assert!(
+        banner.iter().any(|l| l.contains("/health"))
+            && banner.iter().any(|l| l.contains("/admin/"))
+    );
     let mut ws = connect(&url).await;
     echo(&mut ws, "hello demo").await;
     let chat = format!("ws://127.0.0.1:{port}/chat?session=");
@@ -189,16 +259,26 @@ async fn demo_runs_with_nothing_else() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         alice.send(Message::text("hi bob")).await.expect("send");
-        if let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(200), futures_util::StreamExt::next(&mut bob)).await {
+        if let Ok(Some(Ok(m))) = tokio::time::timeout(
+            Duration::from_millis(200),
+            futures_util::StreamExt::next(&mut bob),
+        )
+        .await
+        {
             assert_eq!(m, Message::text("hi bob"));
             break;
         }
         assert!(Instant::now() < deadline, "chat relays between clients");
     }
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while child.try_wait().expect("wait").is_none() {
-        assert!(std::time::Instant::now() < deadline, "demo exits on SIGTERM");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "demo exits on SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

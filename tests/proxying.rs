@@ -44,22 +44,39 @@ async fn upstream_handshake_carries_the_contract_headers() {
     .expect("upgrade");
     echo(&mut ws, "x").await;
     assert_eq!(
-        resp.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()),
+        resp.headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok()),
         Some("chat.v2"),
         "the upstream's subprotocol choice reaches the client"
     );
-    assert_eq!(resp.headers().get("x-session-id").and_then(|v| v.to_str().ok()), Some("abc"));
+    assert_eq!(
+        resp.headers()
+            .get("x-session-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("abc")
+    );
     let hs = up.handshakes().pop().expect("one handshake");
     assert_eq!(hs.path, "/room/7?session=abc&x=1");
     assert_eq!(hs.header("cookie"), Some("theme=dark"));
     assert_eq!(hs.header("authorization"), Some("Bearer secret"));
     assert_eq!(hs.header("origin"), Some("https://app.example"));
-    assert_eq!(hs.header("sec-websocket-protocol"), Some("chat.v2, chat.v1"));
+    assert_eq!(
+        hs.header("sec-websocket-protocol"),
+        Some("chat.v2, chat.v1")
+    );
     assert_eq!(hs.header("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
     assert_eq!(hs.header("x-forwarded-proto"), Some("http"));
-    assert_eq!(hs.header("x-forwarded-host"), Some(node.public.to_string().as_str()));
+    assert_eq!(
+        hs.header("x-forwarded-host"),
+        Some(node.public.to_string().as_str())
+    );
     assert_eq!(hs.header("x-session-id"), Some("abc"));
-    assert_eq!(hs.header("x-session-epoch"), Some("1"), "a client cannot set the epoch");
+    assert_eq!(
+        hs.header("x-session-epoch"),
+        Some("1"),
+        "a client cannot set the epoch"
+    );
     assert_eq!(hs.header("sec-websocket-extensions"), None);
 }
 
@@ -85,7 +102,10 @@ async fn fragmented_messages_and_pings_are_relayed() {
     let mut text = None;
     while text.is_none() || !pong {
         let mut chunk = [0u8; 256];
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await.expect("reply").expect("read");
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("reply")
+            .expect("read");
         assert!(n > 0);
         got.extend_from_slice(&chunk[..n]);
         while let Some(h) = frame::parse_header(&got) {
@@ -122,31 +142,59 @@ async fn close_codes_pass_through_both_ways() {
     }))
     .await
     .expect("close");
-    eventually(Duration::from_secs(5), "upstream sees the client's close", || async {
-        up.closes_for("c1") == vec![(4100, "bye now".to_string())]
-    })
+    eventually(
+        Duration::from_secs(5),
+        "upstream sees the client's close",
+        || async { up.closes_for("c1") == vec![(4100, "bye now".to_string())] },
+    )
     .await;
 
     let mut ws = connect(&node.url("/?session=c2")).await;
-    ws.send(Message::text("close 4200 see you later")).await.expect("send");
+    ws.send(Message::text("close 4200 see you later"))
+        .await
+        .expect("send");
     let (code, reason) = expect_close(&mut ws, Duration::from_secs(5)).await;
     assert_eq!((code, reason.as_str()), (4200, "see you later"));
-    eventually(Duration::from_secs(5), "session c2 gone", || async { node.broker().sessions.get("c2").is_none() }).await;
+    eventually(Duration::from_secs(5), "session c2 gone", || async {
+        node.broker().sessions.get("c2").is_none()
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn session_id_from_header_cookie_and_path() {
     let up = TestUpstream::start().await;
     for (key, path, headers, want) in [
-        ("header:X-Sid", "/", vec![("X-Sid", "from-header")], "from-header"),
-        ("cookie:sid", "/", vec![("Cookie", "a=b; sid=from-cookie")], "from-cookie"),
+        (
+            "header:X-Sid",
+            "/",
+            vec![("X-Sid", "from-header")],
+            "from-header",
+        ),
+        (
+            "cookie:sid",
+            "/",
+            vec![("Cookie", "a=b; sid=from-cookie")],
+            "from-cookie",
+        ),
         ("path:2", "/rooms/from-path/ws", vec![], "from-path"),
     ] {
         let node = TestNode::start(&[up.url()], &format!("[session]\nkey = \"{key}\"\n")).await;
-        let (mut ws, resp) = connect_with(&node.url(path), &headers).await.expect("upgrade");
+        let (mut ws, resp) = connect_with(&node.url(path), &headers)
+            .await
+            .expect("upgrade");
         echo(&mut ws, "x").await;
-        assert_eq!(resp.headers().get("x-session-id").and_then(|v| v.to_str().ok()), Some(want), "{key}");
-        assert!(node.broker().sessions.get(want).is_some(), "{key}: session {want} exists");
+        assert_eq!(
+            resp.headers()
+                .get("x-session-id")
+                .and_then(|v| v.to_str().ok()),
+            Some(want),
+            "{key}"
+        );
+        assert!(
+            node.broker().sessions.get(want).is_some(),
+            "{key}: session {want} exists"
+        );
     }
 }
 
@@ -155,22 +203,37 @@ async fn missing_ids_are_minted_and_returned() {
     let up = TestUpstream::start().await;
     let node = TestNode::start(&[up.url()], "").await;
     let (mut ws, resp) = connect_with(&node.url("/"), &[]).await.expect("upgrade");
-    let id = resp.headers().get("x-session-id").and_then(|v| v.to_str().ok()).expect("minted id").to_string();
+    let id = resp
+        .headers()
+        .get("x-session-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("minted id")
+        .to_string();
     assert_eq!(id.len(), 32);
     echo(&mut ws, "x").await;
     assert_eq!(up.handshakes()[0].header("x-session-id"), Some(id.as_str()));
 
     let node = TestNode::start(&[up.url()], "[session]\nkey = \"cookie:sid\"\n").await;
     let (_ws, resp) = connect_with(&node.url("/"), &[]).await.expect("upgrade");
-    let id = resp.headers().get("x-session-id").and_then(|v| v.to_str().ok()).expect("minted id").to_string();
-    let cookie = resp.headers().get("set-cookie").and_then(|v| v.to_str().ok()).expect("set-cookie");
+    let id = resp
+        .headers()
+        .get("x-session-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("minted id")
+        .to_string();
+    let cookie = resp
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .expect("set-cookie");
     assert_eq!(cookie, format!("sid={id}; Path=/; HttpOnly; SameSite=Lax"));
 }
 
 #[tokio::test]
 async fn wss_on_the_public_listener() {
     let up = TestUpstream::start().await;
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
     let dir = std::env::temp_dir().join(format!("wsbroker-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
@@ -178,7 +241,11 @@ async fn wss_on_the_public_listener() {
     std::fs::write(&key_path, cert.key_pair.serialize_pem()).expect("write key");
     let node = TestNode::start(
         &[up.url()],
-        &format!("[tls]\ncert = \"{}\"\nkey = \"{}\"\n[session]\nkey = \"cookie:sid\"\n", cert_path.display(), key_path.display()),
+        &format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[session]\nkey = \"cookie:sid\"\n",
+            cert_path.display(),
+            key_path.display()
+        ),
     )
     .await;
 
@@ -191,20 +258,34 @@ async fn wss_on_the_public_listener() {
     .expect("versions")
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(node.public).await.expect("connect");
+    let tcp = tokio::net::TcpStream::connect(node.public)
+        .await
+        .expect("connect");
     let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
         .connect("localhost".try_into().expect("name"), tcp)
         .await
         .expect("TLS handshake");
-    let (mut ws, resp) = tokio_tungstenite::client_async(format!("wss://localhost:{}/", node.public.port()), tls)
-        .await
-        .expect("upgrade over TLS");
+    let (mut ws, resp) =
+        tokio_tungstenite::client_async(format!("wss://localhost:{}/", node.public.port()), tls)
+            .await
+            .expect("upgrade over TLS");
     ws.send(Message::text("secure")).await.expect("send");
-    let got = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("reply").expect("open").expect("msg");
+    let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("reply")
+        .expect("open")
+        .expect("msg");
     assert_eq!(got, Message::text("secure"));
-    let cookie = resp.headers().get("set-cookie").and_then(|v| v.to_str().ok()).expect("set-cookie");
+    let cookie = resp
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .expect("set-cookie");
     assert!(cookie.ends_with("; Secure"), "{cookie}");
-    assert_eq!(up.handshakes()[0].header("x-forwarded-proto"), Some("https"));
+    assert_eq!(
+        up.handshakes()[0].header("x-forwarded-proto"),
+        Some("https")
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

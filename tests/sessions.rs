@@ -10,9 +10,11 @@ use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
 async fn session_gone(node: &TestNode, id: &str) {
-    eventually(Duration::from_secs(5), &format!("session {id} ended"), || async {
-        node.broker().sessions.get(id).is_none()
-    })
+    eventually(
+        Duration::from_secs(5),
+        &format!("session {id} ended"),
+        || async { node.broker().sessions.get(id).is_none() },
+    )
     .await;
 }
 
@@ -26,7 +28,11 @@ async fn takeover_replaces_the_old_client_with_4001() {
     let (code, reason) = expect_close(&mut first, Duration::from_secs(5)).await;
     assert_eq!((code, reason.as_str()), (4001, "session taken over"));
     echo(&mut second, "two").await;
-    assert_eq!(up.connections_for("t"), 1, "the upstream connection is kept");
+    assert_eq!(
+        up.connections_for("t"),
+        1,
+        "the upstream connection is kept"
+    );
 }
 
 #[tokio::test]
@@ -82,7 +88,10 @@ async fn resume_after_an_abrupt_drop_replays_buffered_messages_in_order() {
     assert_eq!(session.info("x").state, "detached");
     let mut back = connect(&node.url("/?session=r")).await;
     for i in 0..5 {
-        assert_eq!(next_data(&mut back).await, Message::text(format!("msg-{i}")));
+        assert_eq!(
+            next_data(&mut back).await,
+            Message::text(format!("msg-{i}"))
+        );
     }
     echo(&mut back, "after").await;
     assert_eq!(up.connections_for("r"), 1, "the same upstream connection");
@@ -96,24 +105,32 @@ async fn grace_expiry_ends_the_session_with_1001_upstream() {
     echo(&mut ws, "x").await;
     drop(ws);
     session_gone(&node, "g").await;
-    eventually(Duration::from_secs(5), "upstream closed with 1001", || async {
-        up.closes_for("g").first().map(|c| c.0) == Some(1001)
-    })
+    eventually(
+        Duration::from_secs(5),
+        "upstream closed with 1001",
+        || async { up.closes_for("g").first().map(|c| c.0) == Some(1001) },
+    )
     .await;
 }
 
 #[tokio::test]
 async fn buffer_overflow_ends_the_session_with_1001_upstream() {
     let up = TestUpstream::start().await;
-    let node = TestNode::start(&[up.url()], "[session]\nresume_grace = \"30s\"\nresume_buffer = \"1KiB\"\n").await;
+    let node = TestNode::start(
+        &[up.url()],
+        "[session]\nresume_grace = \"30s\"\nresume_buffer = \"1KiB\"\n",
+    )
+    .await;
     let mut ws = connect(&node.url("/?session=o")).await;
     echo(&mut ws, "x").await;
     ws.send(Message::text("later 100 400")).await.expect("send");
     drop(ws);
     session_gone(&node, "o").await;
-    eventually(Duration::from_secs(5), "upstream closed with 1001", || async {
-        up.closes_for("o").first().map(|c| c.0) == Some(1001)
-    })
+    eventually(
+        Duration::from_secs(5),
+        "upstream closed with 1001",
+        || async { up.closes_for("o").first().map(|c| c.0) == Some(1001) },
+    )
     .await;
 }
 
@@ -126,7 +143,11 @@ async fn a_client_close_ends_the_session_at_once() {
     ws.close(None).await.expect("close");
     let _ = expect_close(&mut ws, Duration::from_secs(5)).await;
     session_gone(&node, "cc").await;
-    assert_eq!(up.closes_for("cc").first().map(|c| c.0), Some(1005), "a Close without a code passes through as such");
+    assert_eq!(
+        up.closes_for("cc").first().map(|c| c.0),
+        Some(1005),
+        "a Close without a code passes through as such"
+    );
     // A new connection with the same id is a new session.
     let mut again = connect(&node.url("/?session=cc")).await;
     echo(&mut again, "y").await;
@@ -141,9 +162,11 @@ async fn idle_sessions_are_closed_with_1001_both_ways() {
     echo(&mut ws, "x").await;
     let (code, _) = expect_close(&mut ws, Duration::from_secs(5)).await;
     assert_eq!(code, 1001);
-    eventually(Duration::from_secs(5), "upstream closed with 1001", || async {
-        up.closes_for("idle").first().map(|c| c.0) == Some(1001)
-    })
+    eventually(
+        Duration::from_secs(5),
+        "upstream closed with 1001",
+        || async { up.closes_for("idle").first().map(|c| c.0) == Some(1001) },
+    )
     .await;
 }
 

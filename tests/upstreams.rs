@@ -12,7 +12,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// Which upstream each of `n` new sessions landed on.
-async fn spread(node: &TestNode, ups: &[TestUpstream], prefix: &str, n: usize) -> (Vec<usize>, Vec<Ws>) {
+async fn spread(
+    node: &TestNode,
+    ups: &[TestUpstream],
+    prefix: &str,
+    n: usize,
+) -> (Vec<usize>, Vec<Ws>) {
     let mut clients = Vec::new();
     for i in 0..n {
         let mut ws = connect(&node.url(&format!("/?session={prefix}{i}"))).await;
@@ -21,13 +26,25 @@ async fn spread(node: &TestNode, ups: &[TestUpstream], prefix: &str, n: usize) -
     }
     let counts = ups
         .iter()
-        .map(|u| u.handshakes().iter().filter(|h| h.header("x-session-id").is_some_and(|s| s.starts_with(prefix))).count())
+        .map(|u| {
+            u.handshakes()
+                .iter()
+                .filter(|h| {
+                    h.header("x-session-id")
+                        .is_some_and(|s| s.starts_with(prefix))
+                })
+                .count()
+        })
         .collect();
     (counts, clients)
 }
 
 async fn three() -> Vec<TestUpstream> {
-    vec![TestUpstream::start().await, TestUpstream::start().await, TestUpstream::start().await]
+    vec![
+        TestUpstream::start().await,
+        TestUpstream::start().await,
+        TestUpstream::start().await,
+    ]
 }
 
 #[tokio::test]
@@ -47,15 +64,21 @@ async fn least_conn_fills_the_emptiest_upstream() {
     let (counts, mut clients) = spread(&node, &ups, "lc", 6).await;
     assert_eq!(counts, vec![2, 2, 2]);
     // End both sessions on the first upstream: the next two go there.
-    let on_first: Vec<String> = ups[0].handshakes().iter().filter_map(|h| h.header("x-session-id").map(str::to_string)).collect();
+    let on_first: Vec<String> = ups[0]
+        .handshakes()
+        .iter()
+        .filter_map(|h| h.header("x-session-id").map(str::to_string))
+        .collect();
     for id in &on_first {
         let i: usize = id.trim_start_matches("lc").parse().expect("index");
         clients[i].close(None).await.expect("close");
         let _ = expect_close(&mut clients[i], Duration::from_secs(5)).await;
     }
-    eventually(Duration::from_secs(5), "sessions on the first upstream ended", || async {
-        node.broker().upstreams.status()[0].sessions == 0
-    })
+    eventually(
+        Duration::from_secs(5),
+        "sessions on the first upstream ended",
+        || async { node.broker().upstreams.status()[0].sessions == 0 },
+    )
     .await;
     let (counts, _more) = spread(&node, &ups, "lz", 2).await;
     assert_eq!(counts, vec![2, 0, 0]);
@@ -78,11 +101,18 @@ async fn hash_keeps_a_session_id_on_one_upstream() {
                 .iter()
                 .position(|u| u.connections_for(&id) == round + 1)
                 .expect("landed on one upstream");
-            assert_eq!(*first_home.entry(id.clone()).or_insert(home), home, "{id} moved");
+            assert_eq!(
+                *first_home.entry(id.clone()).or_insert(home),
+                home,
+                "{id} moved"
+            );
         }
     }
     let used: std::collections::HashSet<_> = first_home.values().collect();
-    assert!(used.len() >= 2, "hash spreads ids over upstreams: {first_home:?}");
+    assert!(
+        used.len() >= 2,
+        "hash spreads ids over upstreams: {first_home:?}"
+    );
 }
 
 #[tokio::test]
@@ -91,29 +121,46 @@ async fn health_probes_take_a_dead_upstream_out_and_back() {
     let flaky_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let flaky_addr = flaky_listener.local_addr().expect("addr");
     let flaky = TestUpstream::serve(flaky_listener);
-    let node = TestNode::start(&[good.url(), flaky.url()], "[upstream]\nbalance = \"round_robin\"\n").await;
+    let node = TestNode::start(
+        &[good.url(), flaky.url()],
+        "[upstream]\nbalance = \"round_robin\"\n",
+    )
+    .await;
     let flaky_url = flaky.url();
     drop(flaky); // stops accepting: the port now refuses connections
-    eventually(Duration::from_secs(5), "probe marks the upstream unhealthy", || async {
-        let (_, h) = health(node.public).await;
-        h["upstreams"][1]["healthy"] == false && h["upstreams"][1]["url"] == flaky_url.as_str()
-    })
+    eventually(
+        Duration::from_secs(5),
+        "probe marks the upstream unhealthy",
+        || async {
+            let (_, h) = health(node.public).await;
+            h["upstreams"][1]["healthy"] == false && h["upstreams"][1]["url"] == flaky_url.as_str()
+        },
+    )
     .await;
     for i in 0..4 {
         let mut ws = connect(&node.url(&format!("/?session=p{i}"))).await;
         echo(&mut ws, "x").await;
     }
-    assert_eq!(good.handshakes().len(), 4, "every new session went to the healthy upstream");
+    assert_eq!(
+        good.handshakes().len(),
+        4,
+        "every new session went to the healthy upstream"
+    );
     let revived = TestUpstream::serve(TcpListener::bind(flaky_addr).await.expect("rebind"));
-    eventually(Duration::from_secs(5), "probe marks it healthy again", || async {
-        health(node.public).await.1["upstreams"][1]["healthy"] == true
-    })
+    eventually(
+        Duration::from_secs(5),
+        "probe marks it healthy again",
+        || async { health(node.public).await.1["upstreams"][1]["healthy"] == true },
+    )
     .await;
     for i in 0..4 {
         let mut ws = connect(&node.url(&format!("/?session=q{i}"))).await;
         echo(&mut ws, "x").await;
     }
-    assert!(!revived.handshakes().is_empty(), "the revived upstream takes sessions again");
+    assert!(
+        !revived.handshakes().is_empty(),
+        "the revived upstream takes sessions again"
+    );
 }
 
 /// Accepts TCP and answers every upgrade with 500: alive for the probe,
@@ -126,7 +173,9 @@ async fn failing_upstream() -> (String, tokio::task::JoinHandle<()>) {
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 let _ = s.read(&mut buf).await;
-                let _ = s.write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n").await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n")
+                    .await;
             });
         }
     });
@@ -136,17 +185,26 @@ async fn failing_upstream() -> (String, tokio::task::JoinHandle<()>) {
 #[tokio::test]
 async fn breaker_opens_after_consecutive_failures_then_502() {
     let (url, task) = failing_upstream().await;
-    let node = TestNode::start(&[url], "[upstream]\nbreaker_failures = 3\nbreaker_cooldown = \"300ms\"\n").await;
+    let node = TestNode::start(
+        &[url],
+        "[upstream]\nbreaker_failures = 3\nbreaker_cooldown = \"300ms\"\n",
+    )
+    .await;
     for i in 0..3 {
-        assert_eq!(upgrade_status(&node.url(&format!("/?session=b{i}")), &[]).await, 502);
+        assert_eq!(
+            upgrade_status(&node.url(&format!("/?session=b{i}")), &[]).await,
+            502
+        );
     }
     let (_, h) = health(node.public).await;
     assert_eq!(h["upstreams"][0]["circuit"], "open");
     assert_eq!(h["status"], "degraded", "no upstream can take sessions");
     assert_eq!(upgrade_status(&node.url("/?session=b9"), &[]).await, 502);
-    eventually(Duration::from_secs(5), "circuit half-opens after the cooldown", || async {
-        health(node.public).await.1["upstreams"][0]["circuit"] == "half_open"
-    })
+    eventually(
+        Duration::from_secs(5),
+        "circuit half-opens after the cooldown",
+        || async { health(node.public).await.1["upstreams"][0]["circuit"] == "half_open" },
+    )
     .await;
     task.abort();
 }
@@ -155,7 +213,11 @@ async fn breaker_opens_after_consecutive_failures_then_502() {
 async fn a_failing_upstream_is_skipped_for_a_working_one() {
     let (bad, task) = failing_upstream().await;
     let good = TestUpstream::start().await;
-    let node = TestNode::start(&[bad, good.url()], "[upstream]\nbalance = \"round_robin\"\n").await;
+    let node = TestNode::start(
+        &[bad, good.url()],
+        "[upstream]\nbalance = \"round_robin\"\n",
+    )
+    .await;
     for i in 0..4 {
         let mut ws = connect(&node.url(&format!("/?session=f{i}"))).await;
         echo(&mut ws, "x").await;

@@ -779,6 +779,25 @@ mod tests {
     }
 
     #[test]
+    fn the_reference_file_parses_and_documents_every_key() {
+        let text = include_str!("../../config/wsbroker.toml");
+        let c = build(text, &no_env).expect("config/wsbroker.toml is valid");
+        assert_eq!(c.node.id, "node-a");
+        assert!(c.admin.is_some());
+        for (section, key, _) in KEYS {
+            let documented =
+                text.contains(&format!("[{section}]")) || text.contains(&format!("# [{section}]"));
+            let has_key = text
+                .lines()
+                .any(|l| l.trim_start_matches("# ").starts_with(&format!("{key} =")));
+            assert!(
+                documented && has_key,
+                "{section}.{key} is not in config/wsbroker.toml"
+            );
+        }
+    }
+
+    #[test]
     fn valkey_needs_a_secret() {
         let text = format!(
             "{MINIMAL}[cluster]\nregistry = \"valkey\"\n[node]\nlisten = \"127.0.0.1:1\"\n"

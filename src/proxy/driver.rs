@@ -193,10 +193,7 @@ impl Driver {
             if self.buf.capacity() - self.buf.len() < 1024 {
                 self.buf.reserve(READ_CHUNK);
             }
-            let last = self
-                .session
-                .last_active_ms
-                .load(Ordering::Relaxed);
+            let last = self.session.last_active_ms.load(Ordering::Relaxed);
             let idle_at = clock::instant_at(last) + idle;
             let grace_at = self.detached.as_ref().map(|d| d.deadline);
             let end_at = self.end_at.as_ref().map(|(t, _)| *t);

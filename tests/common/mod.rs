@@ -35,7 +35,10 @@ where
         if check().await {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -51,7 +54,9 @@ pub struct Handshake {
 
 impl Handshake {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
     }
 }
 
@@ -87,7 +92,9 @@ pub struct TestUpstream {
 
 impl TestUpstream {
     pub async fn start() -> TestUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
         TestUpstream::serve(listener)
     }
 
@@ -106,7 +113,12 @@ impl TestUpstream {
                 tokio::spawn(upstream_conn(stream, l2.clone(), s2.clone(), f2.clone()));
             }
         });
-        TestUpstream { addr, log, stop, flooded }
+        TestUpstream {
+            addr,
+            log,
+            stop,
+            flooded,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -119,24 +131,47 @@ impl TestUpstream {
 
     pub fn closes_for(&self, session: &str) -> Vec<(u16, String)> {
         let log = self.log.lock().expect("log");
-        log.closes.iter().filter(|c| c.0 == session).map(|c| (c.1, c.2.clone())).collect()
+        log.closes
+            .iter()
+            .filter(|c| c.0 == session)
+            .map(|c| (c.1, c.2.clone()))
+            .collect()
     }
 
     pub fn messages_for(&self, session: &str) -> Vec<Message> {
         let log = self.log.lock().expect("log");
-        log.messages.iter().filter(|m| m.0 == session).map(|m| m.1.clone()).collect()
+        log.messages
+            .iter()
+            .filter(|m| m.0 == session)
+            .map(|m| m.1.clone())
+            .collect()
     }
 
     pub fn open_for(&self, session: &str) -> usize {
-        *self.log.lock().expect("log").open.get(session).unwrap_or(&0)
+        *self
+            .log
+            .lock()
+            .expect("log")
+            .open
+            .get(session)
+            .unwrap_or(&0)
     }
 
     pub fn max_open_for(&self, session: &str) -> usize {
-        *self.log.lock().expect("log").max_open.get(session).unwrap_or(&0)
+        *self
+            .log
+            .lock()
+            .expect("log")
+            .max_open
+            .get(session)
+            .unwrap_or(&0)
     }
 
     pub fn connections_for(&self, session: &str) -> usize {
-        self.handshakes().iter().filter(|h| h.header("x-session-id") == Some(session)).count()
+        self.handshakes()
+            .iter()
+            .filter(|h| h.header("x-session-id") == Some(session))
+            .count()
     }
 }
 
@@ -159,9 +194,16 @@ async fn upstream_conn(
             .iter()
             .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
             .collect::<HashMap<_, _>>();
-        if let Some(offered) = req.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()) {
+        if let Some(offered) = req
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok())
+        {
             let first = offered.split(',').next().unwrap_or("").trim().to_string();
-            resp.headers_mut().insert("sec-websocket-protocol", first.parse().expect("header value"));
+            resp.headers_mut().insert(
+                "sec-websocket-protocol",
+                first.parse().expect("header value"),
+            );
         }
         seen = Some(Handshake {
             path: req.uri().to_string(),
@@ -199,14 +241,20 @@ async fn upstream_conn(
                 let (code, reason) = frame
                     .map(|f| (u16::from(f.code), f.reason.to_string()))
                     .unwrap_or((1005, String::new()));
-                log.lock().expect("log").closes.push((sid.clone(), code, reason));
+                log.lock()
+                    .expect("log")
+                    .closes
+                    .push((sid.clone(), code, reason));
                 // tungstenite answers the Close itself; drain until the end.
                 while let Some(Ok(_)) = ws.next().await {}
                 finish(&log);
                 return;
             }
             Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
-                log.lock().expect("log").messages.push((sid.clone(), m.clone()));
+                log.lock()
+                    .expect("log")
+                    .messages
+                    .push((sid.clone(), m.clone()));
                 if let Message::Text(t) = &m {
                     let words: Vec<&str> = t.split(' ').collect();
                     match words.as_slice() {
@@ -221,7 +269,8 @@ async fn upstream_conn(
                             continue;
                         }
                         ["later", ms, n] => {
-                            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+                            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0)))
+                                .await;
                             for i in 0..n.parse::<usize>().unwrap_or(0) {
                                 if ws.send(Message::text(format!("msg-{i}"))).await.is_err() {
                                     break;
@@ -240,7 +289,8 @@ async fn upstream_conn(
                                 if !sent {
                                     break;
                                 }
-                                flooded.fetch_add(size as u64, std::sync::atomic::Ordering::Relaxed);
+                                flooded
+                                    .fetch_add(size as u64, std::sync::atomic::Ordering::Relaxed);
                             }
                             continue;
                         }
@@ -278,7 +328,11 @@ async fn upstream_conn(
 /// with an admin listener (token "t0ken") and `extra` TOML appended to
 /// the named sections (`[session]` lines etc. are merged by the caller).
 pub fn config_text(upstreams: &[String], extra: &str) -> String {
-    let servers = upstreams.iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", ");
+    let servers = upstreams
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut text = format!(
         "[node]\nid = \"test-node\"\nlisten = \"127.0.0.1:0\"\ndrain_timeout = \"4s\"\n\
          [upstream]\nservers = [{servers}]\nhealth_interval = \"200ms\"\nconnect_timeout = \"1s\"\n\
@@ -302,7 +356,10 @@ fn merged(text: &str) -> String {
                 sections.insert(current.clone(), Vec::new());
             }
         } else if !t.is_empty() {
-            sections.entry(current.clone()).or_default().push(t.to_string());
+            sections
+                .entry(current.clone())
+                .or_default()
+                .push(t.to_string());
         }
     }
     let mut out = String::new();
@@ -326,7 +383,8 @@ fn merged(text: &str) -> String {
 
 pub fn parse_config(upstreams: &[String], extra: &str) -> wsbroker::config::Config {
     let text = merged(&config_text(upstreams, extra));
-    wsbroker::config::Config::parse(&text, &|_| None).unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"))
+    wsbroker::config::Config::parse(&text, &|_| None)
+        .unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"))
 }
 
 /// A node running inside the test process.
@@ -338,7 +396,9 @@ pub struct TestNode {
 
 impl TestNode {
     pub async fn start(upstreams: &[String], extra: &str) -> TestNode {
-        let node = wsbroker::server::start(parse_config(upstreams, extra)).await.expect("node starts");
+        let node = wsbroker::server::start(parse_config(upstreams, extra))
+            .await
+            .expect("node starts");
         let public = node.public_addr;
         let admin = node.admin_addr.expect("admin listener");
         TestNode {
@@ -394,9 +454,14 @@ impl BrokerProcess {
     pub async fn start(upstreams: &[String], extra: &str) -> BrokerProcess {
         let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let extra = format!("[node]\nlisten = \"{public}\"\n[admin]\nlisten = \"{admin}\"\n{extra}");
+        let extra =
+            format!("[node]\nlisten = \"{public}\"\n[admin]\nlisten = \"{admin}\"\n{extra}");
         let text = merged(&config_text(upstreams, &extra));
-        let dir = std::env::temp_dir().join(format!("wsbroker-test-{}-{}", std::process::id(), free_port()));
+        let dir = std::env::temp_dir().join(format!(
+            "wsbroker-test-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("wsbroker.toml");
         std::fs::write(&path, text).expect("write config");
@@ -408,10 +473,22 @@ impl BrokerProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn wsbroker");
-        let p = BrokerProcess { child, public, admin, dir };
-        eventually(Duration::from_secs(20), "wsbroker answers /live", || async {
-            matches!(http(public, "GET", "/live", &[], b"").await, Some((200, _, _)))
-        })
+        let p = BrokerProcess {
+            child,
+            public,
+            admin,
+            dir,
+        };
+        eventually(
+            Duration::from_secs(20),
+            "wsbroker answers /live",
+            || async {
+                matches!(
+                    http(public, "GET", "/live", &[], b"").await,
+                    Some((200, _, _))
+                )
+            },
+        )
         .await;
         p
     }
@@ -430,7 +507,8 @@ impl BrokerProcess {
 
     /// Resident set size in KiB, from /proc.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -445,7 +523,10 @@ impl BrokerProcess {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(tokio::time::Instant::now() < deadline, "wsbroker did not exit within {within:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "wsbroker did not exit within {within:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -464,16 +545,33 @@ impl Drop for BrokerProcess {
 // ---------------------------------------------------------------- clients
 
 /// Opens a WebSocket through `url` with extra request headers.
-pub async fn connect_with(url: &str, headers: &[(&str, &str)]) -> Result<(Ws, tokio_tungstenite::tungstenite::handshake::client::Response), tokio_tungstenite::tungstenite::Error> {
+pub async fn connect_with(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<
+    (
+        Ws,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    tokio_tungstenite::tungstenite::Error,
+> {
     let mut req = url.into_client_request()?;
     for (k, v) in headers {
         req.headers_mut().insert(
-            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes())
+                .expect("name"),
             v.parse().expect("value"),
         );
     }
-    let host = req.uri().authority().expect("authority").as_str().to_string();
-    let stream = TcpStream::connect(host).await.map_err(tokio_tungstenite::tungstenite::Error::Io)?;
+    let host = req
+        .uri()
+        .authority()
+        .expect("authority")
+        .as_str()
+        .to_string();
+    let stream = TcpStream::connect(host)
+        .await
+        .map_err(tokio_tungstenite::tungstenite::Error::Io)?;
     tokio_tungstenite::client_async(req, stream).await
 }
 
@@ -513,8 +611,12 @@ pub async fn expect_close(ws: &mut Ws, within: Duration) -> (u16, String) {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match tokio::time::timeout(left, ws.next()).await {
             Err(_) => panic!("no Close frame within {within:?}"),
-            Ok(Some(Ok(Message::Close(Some(f))))) => return finish_close(ws, (u16::from(f.code), f.reason.to_string())).await,
-            Ok(Some(Ok(Message::Close(None)))) => return finish_close(ws, (1005, String::new())).await,
+            Ok(Some(Ok(Message::Close(Some(f))))) => {
+                return finish_close(ws, (u16::from(f.code), f.reason.to_string())).await
+            }
+            Ok(Some(Ok(Message::Close(None)))) => {
+                return finish_close(ws, (1005, String::new())).await
+            }
             Ok(Some(Ok(_))) => continue,
             Ok(Some(Err(e))) => panic!("connection failed before a Close frame: {e}"),
             Ok(None) => panic!("connection ended without a Close frame"),
@@ -524,7 +626,10 @@ pub async fn expect_close(ws: &mut Ws, within: Duration) -> (u16, String) {
 
 /// Polling on after a Close sends the client's reply and reads to the end.
 async fn finish_close(ws: &mut Ws, got: (u16, String)) -> (u16, String) {
-    let _ = tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
     got
 }
 
@@ -536,9 +641,18 @@ pub async fn echo(ws: &mut Ws, text: &str) {
 
 /// A minimal HTTP/1.1 request; returns status, headers (lowercase names)
 /// and body. `None` when the connection fails or closes without a reply.
-pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Option<(u16, HashMap<String, String>, Vec<u8>)> {
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<(u16, HashMap<String, String>, Vec<u8>)> {
     let mut s = TcpStream::connect(addr).await.ok()?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -546,7 +660,10 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, 
     s.write_all(req.as_bytes()).await.ok()?;
     s.write_all(body).await.ok()?;
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.ok()?.ok()?;
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
     parse_response(&buf)
 }
 
@@ -564,15 +681,29 @@ pub fn parse_response(buf: &[u8]) -> Option<(u16, HashMap<String, String>, Vec<u
 
 /// GET a JSON document from the admin listener with the test token.
 pub async fn admin_json(admin: SocketAddr, path: &str) -> (u16, serde_json::Value) {
-    let (status, _, body) = http(admin, "GET", path, &[("Authorization", "Bearer t0ken")], b"")
-        .await
-        .expect("admin answers");
-    (status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+    let (status, _, body) = http(
+        admin,
+        "GET",
+        path,
+        &[("Authorization", "Bearer t0ken")],
+        b"",
+    )
+    .await
+    .expect("admin answers");
+    (
+        status,
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 pub async fn health(addr: SocketAddr) -> (u16, serde_json::Value) {
-    let (status, _, body) = http(addr, "GET", "/health", &[], b"").await.expect("health answers");
-    (status, serde_json::from_slice(&body).expect("health is JSON"))
+    let (status, _, body) = http(addr, "GET", "/health", &[], b"")
+        .await
+        .expect("health answers");
+    (
+        status,
+        serde_json::from_slice(&body).expect("health is JSON"),
+    )
 }
 
 /// Sends a raw upgrade request head for `path` and returns the open socket
@@ -603,7 +734,11 @@ pub async fn raw_upgrade(addr: SocketAddr, path: &str) -> (TcpStream, Vec<u8>) {
 /// Reads raw server frames from `s` (after `pending` bytes already read)
 /// until a Close frame; returns its code and reason. For close codes some
 /// client libraries refuse (1014).
-pub async fn raw_read_close(s: &mut TcpStream, mut pending: Vec<u8>, within: Duration) -> (u16, String) {
+pub async fn raw_read_close(
+    s: &mut TcpStream,
+    mut pending: Vec<u8>,
+    within: Duration,
+) -> (u16, String) {
     use wsbroker::proxy::frame;
     let deadline = tokio::time::Instant::now() + within;
     loop {
@@ -630,6 +765,10 @@ pub async fn raw_read_close(s: &mut TcpStream, mut pending: Vec<u8>, within: Dur
 
 /// Sends one masked text frame on a raw client socket.
 pub async fn raw_send_text(s: &mut TcpStream, text: &str) {
-    let f = wsbroker::proxy::frame::encode_frame(wsbroker::proxy::frame::OP_TEXT, text.as_bytes(), true);
+    let f = wsbroker::proxy::frame::encode_frame(
+        wsbroker::proxy::frame::OP_TEXT,
+        text.as_bytes(),
+        true,
+    );
     s.write_all(&f).await.expect("write");
 }
