@@ -44,6 +44,7 @@ async fn app_connection(
     stop: CancellationToken,
 ) {
     let mut path = String::new();
+    #[allow(clippy::result_large_err)]
     let callback = |req: &Request, resp: Response| {
         path = req.uri().path().to_string();
         Ok(resp)

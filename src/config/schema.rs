@@ -322,7 +322,7 @@ fn check_keys(r: &mut Reader) {
     }
     // Drop what is not understood so the typed walk below sees only known keys.
     r.table
-        .retain(|s, v| KEYS.iter().any(|(k, _, _)| *k == s.as_ref() as &str) && v.is_table());
+        .retain(|s, v| KEYS.iter().any(|(k, _, _)| *k == s) && v.is_table());
     r.errors.extend(errors);
 }
 

@@ -43,7 +43,7 @@ pub fn format_duration(d: Duration) -> String {
 /// Renders a byte count with the largest binary unit that divides it.
 pub fn format_size(n: u64) -> String {
     for (unit, mult) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if n >= mult && n % mult == 0 {
+        if n >= mult && n.is_multiple_of(mult) {
             return format!("{}{unit}", n / mult);
         }
     }

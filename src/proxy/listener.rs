@@ -13,7 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::handshake::{self, ConnInfo};
-use super::io::PublicStream;
+use super::io::{MaybeTls, PublicStream};
 use crate::broker::Broker;
 
 /// Connections over the limit that may be answered 503 at the same time;
@@ -90,11 +90,11 @@ async fn serve_connection(
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let limits = &broker.config.limits;
-    let io = match tls {
-        None => PublicStream::Plain(stream),
+    let io: PublicStream = match tls {
+        None => MaybeTls::Plain(stream),
         Some(acceptor) => {
             match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => PublicStream::Tls(Box::new(s)),
+                Ok(Ok(s)) => MaybeTls::Tls(Box::new(s)),
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed");
                     return;
@@ -138,9 +138,9 @@ async fn reject_overloaded(
         BODY.len()
     );
     let work = async {
-        let mut io = match tls {
-            None => PublicStream::Plain(stream),
-            Some(acceptor) => PublicStream::Tls(Box::new(acceptor.accept(stream).await.ok()?)),
+        let mut io: PublicStream = match tls {
+            None => MaybeTls::Plain(stream),
+            Some(acceptor) => MaybeTls::Tls(Box::new(acceptor.accept(stream).await.ok()?)),
         };
         io.write_all(reply.as_bytes()).await.ok()?;
         io.shutdown().await.ok()?;

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 
-use super::io::UpstreamIo;
+use super::io::{MaybeTls, UpstreamIo};
 use crate::config::UpstreamUrl;
 use crate::tls::UpstreamTls;
 
@@ -73,7 +73,7 @@ async fn connect_io(url: &UpstreamUrl, tls: &UpstreamTls) -> Result<UpstreamIo, 
         .map_err(DialError::Connect)?;
     let _ = tcp.set_nodelay(true);
     if !url.tls {
-        return Ok(UpstreamIo::Plain(tcp));
+        return Ok(MaybeTls::Plain(tcp));
     }
     let name = ServerName::try_from(url.host.clone())
         .map_err(|_| DialError::BadHandshake("upstream host is not a valid TLS server name"))?;
@@ -82,7 +82,7 @@ async fn connect_io(url: &UpstreamUrl, tls: &UpstreamTls) -> Result<UpstreamIo, 
         .connect(name, tcp)
         .await
         .map_err(DialError::Tls)?;
-    Ok(UpstreamIo::Tls(Box::new(stream)))
+    Ok(MaybeTls::Tls(Box::new(stream)))
 }
 
 /// Opens the upstream WebSocket for one session within `timeout`.

@@ -188,6 +188,7 @@ async fn upstream_conn(
     flooded: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let mut seen: Option<Handshake> = None;
+    #[allow(clippy::result_large_err)]
     let callback = |req: &Request, mut resp: Response| {
         let headers = req
             .headers()
