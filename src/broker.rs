@@ -3,14 +3,18 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use dashmap::DashMap;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::control::lifecycle::Lifecycle;
 use crate::control::metrics::Metrics;
+use crate::control::registry::valkey::Member;
 use crate::control::registry::Registry;
 use crate::control::upstreams::Upstreams;
+use crate::proxy::hop::HopKeys;
 use crate::proxy::session::SessionTable;
 
 pub struct Broker {
@@ -29,11 +33,23 @@ pub struct Broker {
     pub tasks: TaskTracker,
     /// Fires when the node must stop at once (drain timeout reached).
     pub shutdown: CancellationToken,
+    /// Signs and checks node-to-node hops (cluster mode only).
+    pub hops: Option<HopKeys>,
+    /// Session ids being created on this node right now; concurrent
+    /// upgrades for the same id wait for the first instead of claiming.
+    pub creating: DashMap<Arc<str>, watch::Sender<()>>,
+    /// The members as the last heartbeat saw them (cluster mode).
+    pub members: std::sync::Mutex<Vec<Member>>,
 }
 
 impl Broker {
     pub fn new(config: Arc<Config>, upstreams: Upstreams, registry: Registry) -> Arc<Broker> {
+        let hops = match &registry {
+            Registry::Valkey(_) => Some(HopKeys::new(&config.cluster.secret)),
+            Registry::Memory(_) => None,
+        };
         Arc::new(Broker {
+            hops,
             node_id: config.node.id.clone(),
             config,
             started_at: SystemTime::now(),
@@ -45,6 +61,18 @@ impl Broker {
             lifecycle: Lifecycle::default(),
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            creating: DashMap::new(),
+            members: std::sync::Mutex::new(Vec::new()),
         })
+    }
+}
+
+impl Broker {
+    /// The members seen by the last heartbeat.
+    pub fn members(&self) -> Vec<Member> {
+        self.members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }

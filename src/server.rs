@@ -10,9 +10,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
 use crate::config::{Config, RegistryKind};
-use crate::control::registry::{MemoryRegistry, Registry};
+use crate::control::registry::{
+    MemoryRegistry, Registry, RegistryError, ValkeyRegistry, ValkeyState,
+};
 use crate::control::upstreams::Upstreams;
-use crate::control::{admin, drain};
+use crate::control::{admin, drain, membership};
 use crate::proxy::listener;
 use crate::tls::{self, UpstreamTls};
 
@@ -25,8 +27,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    #[error("registry = \"valkey\" is not available in this build")]
-    RegistryUnsupported,
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 }
 
 /// A running node.
@@ -55,7 +57,9 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
     let upstream_tls = UpstreamTls::new(config.upstream.ca_file.as_deref())?;
     let registry = match config.cluster.registry {
         RegistryKind::Memory => Registry::Memory(MemoryRegistry::default()),
-        RegistryKind::Valkey => return Err(StartError::RegistryUnsupported),
+        RegistryKind::Valkey => {
+            Registry::Valkey(Box::new(ValkeyState::new(ValkeyRegistry::new(&config)?)))
+        }
     };
     let public = bind(config.node.listen).await?;
     let public_addr = public.local_addr().map_err(|source| StartError::Bind {
@@ -88,7 +92,14 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
             .clone()
             .run_health_probes(listeners.clone()),
     );
-    broker.lifecycle.set_running();
+    if broker.registry.valkey().is_some() {
+        // Ready once registered (the membership loop says so).
+        broker
+            .tasks
+            .spawn(membership::run(broker.clone(), listeners.clone()));
+    } else {
+        broker.lifecycle.set_running();
+    }
     tracing::info!(node = %broker.node_id, listen = %public_addr, admin = ?admin_addr, "wsbroker running");
     Ok(Node {
         broker,

@@ -103,7 +103,7 @@ fn authorized(req: &Request<Incoming>, token: &str) -> bool {
 struct Instance {
     id: String,
     advertise: String,
-    version: &'static str,
+    version: String,
     started_at: String,
     heartbeat_age_ms: u64,
     healthy: bool,
@@ -202,23 +202,43 @@ async fn handle(req: Request<Incoming>, broker: Arc<Broker>) -> Result<Response<
 
 async fn cluster(broker: &Arc<Broker>) -> Response<Body> {
     let (_, report) = health::report(broker).await;
-    let me = Instance {
-        id: broker.node_id.clone(),
-        advertise: broker
-            .config
-            .node
-            .advertise
-            .clone()
-            .unwrap_or_else(|| broker.config.node.listen.to_string()),
-        version: env!("CARGO_PKG_VERSION"),
-        started_at: clock::rfc3339(broker.started_at),
-        heartbeat_age_ms: 0,
-        healthy: report.status == "healthy" || report.status == "degraded",
-        sessions: broker.sessions.len(),
+    let instances: Vec<Instance> = match broker.registry.valkey() {
+        None => vec![Instance {
+            id: broker.node_id.clone(),
+            advertise: broker
+                .config
+                .node
+                .advertise
+                .clone()
+                .unwrap_or_else(|| broker.config.node.listen.to_string()),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: clock::rfc3339(broker.started_at),
+            heartbeat_age_ms: 0,
+            healthy: report.status == "healthy" || report.status == "degraded",
+            sessions: broker.sessions.len(),
+        }],
+        Some(v) => {
+            let ttl = v.registry.stale_ttl().as_millis() as u64;
+            broker
+                .members()
+                .into_iter()
+                .map(|m| Instance {
+                    healthy: m.ttl_left_ms > 0,
+                    heartbeat_age_ms: ttl.saturating_sub(m.ttl_left_ms),
+                    id: m.record.id,
+                    advertise: m.record.advertise,
+                    version: m.record.version,
+                    started_at: clock::rfc3339(
+                        std::time::UNIX_EPOCH + Duration::from_secs(m.record.started_at),
+                    ),
+                    sessions: m.sessions,
+                })
+                .collect()
+        }
     };
     json(
         StatusCode::OK,
-        &serde_json::json!({"instances": [me], "registry": report.registry}),
+        &serde_json::json!({"instances": instances, "registry": report.registry}),
     )
 }
 

@@ -20,6 +20,7 @@ pub async fn drain(broker: &Arc<Broker>) {
     let window = timeout / 2;
     let deadline = Instant::now() + timeout;
     tracing::info!(node = %broker.node_id, sessions = broker.sessions.len(), ?timeout, "draining");
+    crate::control::membership::leave(broker).await;
     let mut told: HashSet<Arc<str>> = HashSet::new();
     loop {
         for s in broker.sessions.all() {

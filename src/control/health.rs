@@ -51,19 +51,33 @@ pub async fn report(broker: &Arc<Broker>) -> (StatusCode, HealthReport) {
         .metrics
         .registry_up
         .set(i64::from(registry.status == "connected"));
-    broker.metrics.cluster_instances.set(1);
+    let cluster = match broker.registry.valkey() {
+        None => {
+            broker.metrics.cluster_instances.set(1);
+            ClusterSummary {
+                registered_instances: 1,
+                healthy_instances: usize::from(status != "draining"),
+                total_sessions: local,
+                local_sessions: local,
+            }
+        }
+        Some(_) => {
+            let members = broker.members();
+            ClusterSummary {
+                registered_instances: members.len(),
+                healthy_instances: members.iter().filter(|m| m.ttl_left_ms > 0).count(),
+                total_sessions: members.iter().map(|m| m.sessions).sum(),
+                local_sessions: local,
+            }
+        }
+    };
     let report = HealthReport {
         status,
         instance_id: broker.node_id.clone(),
         version: env!("CARGO_PKG_VERSION"),
         uptime_secs: broker.started.elapsed().as_secs(),
         registry,
-        cluster: ClusterSummary {
-            registered_instances: 1,
-            healthy_instances: usize::from(status != "draining"),
-            total_sessions: local,
-            local_sessions: local,
-        },
+        cluster,
         upstreams,
     };
     (code, report)

@@ -2,7 +2,8 @@
 //! upstreams and its peers, apart from moving bytes.
 //!
 //! - `lifecycle`: starting → running → draining.
-//! - `registry`: session ownership (memory now, Valkey for clusters).
+//! - `registry`: session ownership (memory, or Valkey for clusters).
+//! - `membership`: register, heartbeat, collect dead nodes, fencing.
 //! - `upstreams`: balancing, health probes, circuit breakers.
 //! - `health`: the `/health` report.
 //! - `admin`: the admin listener (metrics, sessions API, status page).
@@ -13,6 +14,7 @@ pub mod admin;
 pub mod drain;
 pub mod health;
 pub mod lifecycle;
+pub mod membership;
 pub mod metrics;
 pub mod registry;
 pub mod upstreams;

@@ -13,7 +13,9 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
-use super::route::{route, RouteError, UpstreamRequest};
+use super::forward::forward;
+use super::hop::HOP_HEADER;
+use super::route::{route, Decision, RouteError, UpstreamRequest};
 use super::session::ConnGuard;
 use super::session_id;
 use super::upstream_dial::accept_key;
@@ -23,10 +25,6 @@ use crate::control::health;
 use crate::control::metrics::UpgradeResult;
 
 pub type Body = Full<Bytes>;
-
-/// Header that marks a node-to-node hop. Clients cannot set it: a hop
-/// must carry a valid signature, and single nodes accept none.
-pub const HOP_HEADER: &str = "x-wsbroker-hop";
 
 /// Facts about the connection a request arrived on.
 pub struct ConnInfo {
@@ -152,12 +150,9 @@ async fn upgrade(
         Some(k) if valid_key(k.as_bytes()) => k.as_bytes().to_vec(),
         _ => return bad("missing or malformed Sec-WebSocket-Key"),
     };
-    if headers.contains_key(HOP_HEADER) {
-        return text(
-            StatusCode::FORBIDDEN,
-            "403 Forbidden: node-to-node hop not accepted",
-        );
-    }
+    let hop_header = headers
+        .get(HOP_HEADER)
+        .map(|v| v.to_str().unwrap_or("").to_string());
     if !broker.lifecycle.accepting_sessions() {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -177,18 +172,52 @@ async fn upgrade(
         None => return bad("no session id in the request and minting is off"),
     };
     let id: Arc<str> = Arc::from(id);
-
     let path_and_query = parts
         .uri
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
+
+    // A hop from another node names the original client; anything that
+    // claims to be a hop and does not verify is refused.
+    let (mut client_ip, mut tls) = (conn.peer.ip().to_canonical().to_string(), conn.tls);
+    let hopped = hop_header.is_some();
+    if let Some(h) = hop_header {
+        let verified = broker
+            .hops
+            .as_ref()
+            .map(|k| k.verify(&h, &id, path_and_query));
+        match verified {
+            Some(Ok(hop)) => {
+                tracing::debug!(session = %id, from = %hop.from, "forwarded upgrade");
+                client_ip = hop.client;
+                tls = hop.tls;
+            }
+            Some(Err(e)) => {
+                tracing::warn!(session = %id, error = %e, "refused a node-to-node hop");
+                return text(StatusCode::FORBIDDEN, &format!("403 Forbidden: {e}"));
+            }
+            None => {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "403 Forbidden: node-to-node hop not accepted",
+                )
+            }
+        }
+    }
+
     let upstream_req = UpstreamRequest {
         path_and_query,
-        headers: upstream_headers(&parts.headers, conn.peer, conn.tls),
+        headers: upstream_headers(&parts.headers, &client_ip, tls),
     };
-    let routed = match route(broker, &id, &upstream_req).await {
-        Ok(r) => r,
+    let routed = match route(broker, &id, &upstream_req, hopped).await {
+        Ok(Decision::Local {
+            reservation,
+            created,
+        }) => (reservation, created),
+        Ok(Decision::Forward { node, advertise }) => {
+            return forward(broker, parts, on_upgrade, conn, &id, &node, &advertise).await;
+        }
         Err(e) => {
             tracing::info!(session = %id, error = %e, "upgrade refused");
             let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -200,14 +229,14 @@ async fn upgrade(
             return text(status, &reason);
         }
     };
-    let reservation = routed.reservation;
+    let (reservation, created) = routed;
     let Some(session) = reservation.session().cloned() else {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "503 Service Unavailable: retry",
         );
     };
-    broker.metrics.upgrade(if routed.created {
+    broker.metrics.upgrade(if created {
         UpgradeResult::New
     } else {
         UpgradeResult::Attached
@@ -296,7 +325,7 @@ const NOT_FORWARDED: &[&str] = &[
 ];
 
 /// The end-to-end headers passed to the upstream, then X-Forwarded-*.
-pub fn upstream_headers(headers: &HeaderMap, peer: SocketAddr, tls: bool) -> Vec<(String, String)> {
+pub fn upstream_headers(headers: &HeaderMap, client: &str, tls: bool) -> Vec<(String, String)> {
     let named_in_connection: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -322,7 +351,7 @@ pub fn upstream_headers(headers: &HeaderMap, peer: SocketAddr, tls: bool) -> Vec
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect();
-    let client = peer.ip().to_canonical().to_string();
+    let client = client.to_string();
     let xff = if prior.is_empty() {
         client
     } else {
@@ -359,7 +388,7 @@ mod tests {
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
         h.insert("x-session-epoch", HeaderValue::from_static("99"));
         h.insert(HOP_HEADER, HeaderValue::from_static("forged"));
-        let out = upstream_headers(&h, "192.0.2.7:5555".parse().expect("addr"), false);
+        let out = upstream_headers(&h, "192.0.2.7", false);
         let get = |n: &str| {
             out.iter()
                 .find(|(k, _)| k.eq_ignore_ascii_case(n))

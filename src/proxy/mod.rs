@@ -6,14 +6,17 @@
 //! - `session_id`: where the session id comes from.
 //! - `route`: the one decision — attach locally or create (or, in a
 //!   cluster, forward).
+//! - `forward`, `hop`: the signed one-hop forward to a session's owner.
 //! - `upstream_dial`: the upstream WebSocket handshake.
 //! - `session`, `driver`, `client_reader`: a live session and its relay.
 //! - `frame`: frame-boundary tracking over raw bytes.
 
 pub mod client_reader;
 pub mod driver;
+pub mod forward;
 pub mod frame;
 pub mod handshake;
+pub mod hop;
 pub mod io;
 pub mod listener;
 pub mod route;

@@ -1,13 +1,18 @@
-//! The routing decision for one upgrade: attach to a session this node
-//! owns, or claim the session and open its upstream. This is the one place
-//! that decides where a session lives.
+//! The routing decision for one upgrade — the one place that decides where
+//! a session lives: attach to a session this node holds, forward to the
+//! live owner, or claim the session (new, or taken over from a node that
+//! is gone) and open its upstream.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
 
 use super::driver::Driver;
 use super::session::{AttachRefused, Reservation, Session};
-use super::upstream_dial::{dial, DialRequest};
+use super::upstream_dial::{dial, DialError, DialRequest};
 use crate::broker::Broker;
+use crate::config::OnRegistryDown;
 use crate::control::registry::{Claim, RegistryError};
 
 /// Why an upgrade could not be routed; each maps to one HTTP status.
@@ -19,8 +24,10 @@ pub enum RouteError {
     NoUpstream,
     #[error("upstream refused the upgrade with {0}")]
     UpstreamRefused(u16),
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
+    #[error("registry unavailable")]
+    RegistryDown(#[from] RegistryError),
+    #[error("session owner not confirmed yet; retry")]
+    OwnerUnconfirmed,
     #[error("session is changing hands; retry")]
     Contended,
 }
@@ -31,7 +38,9 @@ impl RouteError {
             RouteError::Busy => 409,
             RouteError::NoUpstream => 502,
             RouteError::UpstreamRefused(s) => *s,
-            RouteError::Registry(_) | RouteError::Contended => 503,
+            RouteError::RegistryDown(_) | RouteError::OwnerUnconfirmed | RouteError::Contended => {
+                503
+            }
         }
     }
 }
@@ -42,27 +51,32 @@ pub struct UpstreamRequest<'a> {
     pub headers: Vec<(String, String)>,
 }
 
-/// A routed upgrade.
-pub struct Routed {
-    /// The client's place on the session.
-    pub reservation: Reservation,
-    /// The session was created for this upgrade.
-    pub created: bool,
+/// Where an upgrade goes.
+pub enum Decision {
+    /// A place on a session this node holds.
+    Local {
+        reservation: Reservation,
+        /// The session was created for this upgrade.
+        created: bool,
+    },
+    /// Another live node owns the session.
+    Forward { node: String, advertise: String },
 }
 
-/// Routes one upgrade for session `id`: returns a place on the session,
-/// which the caller fills with the client once the 101 is sent.
+/// Routes one upgrade for session `id`. `hopped`: the request already
+/// came from another node, so it is never forwarded again.
 pub async fn route(
     broker: &Arc<Broker>,
     id: &Arc<str>,
     req: &UpstreamRequest<'_>,
-) -> Result<Routed, RouteError> {
+    hopped: bool,
+) -> Result<Decision, RouteError> {
     let mode = broker.config.session.attach;
-    for _ in 0..4 {
+    for _ in 0..6 {
         if let Some(session) = broker.sessions.get(id) {
             match session.reserve(mode) {
                 Ok(reservation) => {
-                    return Ok(Routed {
+                    return Ok(Decision::Local {
                         reservation,
                         created: false,
                     })
@@ -75,24 +89,98 @@ pub async fn route(
                 }
             }
         }
-        if let Some(reservation) = create(broker, id, req).await? {
-            return Ok(Routed {
-                reservation,
-                created: true,
-            });
+        // One creation per id on this node at a time; others wait for it.
+        let creating = match broker.creating.entry(id.clone()) {
+            dashmap::mapref::entry::Entry::Occupied(e) => {
+                let mut rx = e.get().subscribe();
+                drop(e);
+                let wait = broker.upstreams.connect_timeout() + Duration::from_secs(1);
+                let _ = tokio::time::timeout(wait, rx.changed()).await;
+                continue;
+            }
+            dashmap::mapref::entry::Entry::Vacant(v) => {
+                let (tx, _) = watch::channel(());
+                v.insert(tx);
+                CreatingGuard { broker, id }
+            }
+        };
+        let outcome = claim_and_create(broker, id, req, hopped).await;
+        drop(creating);
+        match outcome? {
+            Some(decision) => return Ok(decision),
+            None => continue,
         }
     }
     Err(RouteError::Contended)
 }
 
-/// Claims the session and opens its upstream. `None` when another upgrade
-/// for the same id created it first (the caller attaches to that one).
+/// Removes the creation marker (waking waiters) however creation ends.
+struct CreatingGuard<'a> {
+    broker: &'a Arc<Broker>,
+    id: &'a Arc<str>,
+}
+
+impl Drop for CreatingGuard<'_> {
+    fn drop(&mut self) {
+        self.broker.creating.remove(self.id);
+    }
+}
+
+async fn claim_and_create(
+    broker: &Arc<Broker>,
+    id: &Arc<str>,
+    req: &UpstreamRequest<'_>,
+    hopped: bool,
+) -> Result<Option<Decision>, RouteError> {
+    let (epoch, prefer, took_over) = match broker.registry.claim(id).await {
+        Ok(Claim::Owned {
+            epoch,
+            prefer,
+            took_over,
+        }) => (epoch, prefer, took_over),
+        Ok(Claim::Mine { epoch, prefer }) => match broker.registry.bump(id, epoch).await? {
+            Some(epoch) => (epoch, prefer, true),
+            None => return Ok(None),
+        },
+        Ok(Claim::Elsewhere {
+            node, advertise, ..
+        }) => {
+            if hopped || node == broker.node_id {
+                // The owner changed while the hop was under way.
+                return Err(RouteError::Contended);
+            }
+            return Ok(Some(Decision::Forward { node, advertise }));
+        }
+        Ok(Claim::Wait) => return Err(RouteError::OwnerUnconfirmed),
+        Err(e) => match broker.config.cluster.on_registry_down {
+            // Serve it here; the membership loop records it once the
+            // registry is back (conflicts settled by epoch).
+            OnRegistryDown::Local => {
+                tracing::warn!(session = %id, error = %e, "registry down: serving the session locally");
+                (1, None, false)
+            }
+            OnRegistryDown::Reject => return Err(RouteError::RegistryDown(e)),
+        },
+    };
+    let reservation = create(broker, id, req, epoch, prefer.as_deref()).await?;
+    if took_over {
+        broker.metrics.migrations.inc();
+        tracing::info!(session = %id, epoch, node = %broker.node_id, "session taken over");
+    }
+    Ok(Some(Decision::Local {
+        reservation,
+        created: true,
+    }))
+}
+
+/// Opens the upstream for a claimed session and starts its driver.
 async fn create(
     broker: &Arc<Broker>,
     id: &Arc<str>,
     req: &UpstreamRequest<'_>,
-) -> Result<Option<Reservation>, RouteError> {
-    let Claim::Owned { epoch, prefer } = broker.registry.claim(id).await?;
+    epoch: u64,
+    prefer: Option<&str>,
+) -> Result<Reservation, RouteError> {
     let mut headers = req.headers.clone();
     headers.push(("X-Session-Id".into(), id.to_string()));
     headers.push(("X-Session-Epoch".into(), epoch.to_string()));
@@ -101,7 +189,7 @@ async fn create(
         headers: &headers,
     };
     let upstreams = &broker.upstreams;
-    for u in upstreams.candidates(id, prefer.as_deref()) {
+    for u in upstreams.candidates(id, prefer) {
         if !upstreams.begin_attempt(&u) {
             continue;
         }
@@ -118,7 +206,7 @@ async fn create(
                 upstreams.record_success(&u);
                 broker.registry.session_ended(id, epoch).await;
                 let status = match e {
-                    super::upstream_dial::DialError::Refused { status } => status,
+                    DialError::Refused { status } => status,
                     _ => 502,
                 };
                 return Err(RouteError::UpstreamRefused(status));
@@ -133,12 +221,17 @@ async fn create(
         upstreams.record_success(&u);
         let (session, rx) =
             Session::new(id.clone(), epoch, u.url.url.clone(), conn.protocol.clone());
-        if broker.sessions.insert_new(&session).is_err() {
-            // Lost a race with a concurrent upgrade for the same id.
-            broker.registry.session_ended(id, epoch).await;
-            return Ok(None);
+        if let Err(existing) = broker.sessions.insert_new(&session) {
+            // Cannot happen while creations are serialised per id; keep
+            // the existing session and drop this upstream connection.
+            drop(conn);
+            return existing
+                .reserve(broker.config.session.attach)
+                .map_err(|_| RouteError::Contended);
         }
-        broker.registry.set_upstream(id, epoch, &u.url.url).await;
+        if prefer != Some(u.url.url.as_str()) {
+            broker.registry.set_upstream(id, epoch, &u.url.url).await;
+        }
         let reservation = session.reserve(broker.config.session.attach);
         let driver = Driver::new(
             broker.clone(),
@@ -150,7 +243,7 @@ async fn create(
         );
         broker.tasks.spawn(driver.run());
         tracing::info!(session = %id, epoch, upstream = %u.url.url, node = %broker.node_id, "session created");
-        return reservation.map(Some).map_err(|_| RouteError::Contended);
+        return reservation.map_err(|_| RouteError::Contended);
     }
     broker.registry.session_ended(id, epoch).await;
     Err(RouteError::NoUpstream)

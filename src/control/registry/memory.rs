@@ -22,6 +22,7 @@ impl MemoryRegistry {
         Claim::Owned {
             epoch: entry.0,
             prefer: entry.1.clone(),
+            took_over: false,
         }
     }
 
@@ -53,7 +54,9 @@ mod tests {
     #[test]
     fn ended_sessions_leave_no_entry() {
         let r = MemoryRegistry::default();
-        let Claim::Owned { epoch, .. } = r.claim("s");
+        let Claim::Owned { epoch, .. } = r.claim("s") else {
+            panic!("memory claims always succeed")
+        };
         assert_eq!(epoch, 1);
         r.set_upstream("s", 1, "ws://u");
         r.ended("s", 1);
@@ -64,7 +67,9 @@ mod tests {
     fn a_stale_end_does_not_remove_a_newer_claim() {
         let r = MemoryRegistry::default();
         r.claim("s");
-        let Claim::Owned { epoch, .. } = r.claim("s");
+        let Claim::Owned { epoch, .. } = r.claim("s") else {
+            panic!("memory claims always succeed")
+        };
         assert_eq!(epoch, 2);
         r.ended("s", 1);
         assert_eq!(r.len(), 1);

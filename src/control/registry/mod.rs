@@ -1,19 +1,45 @@
-//! The registry: where session ownership is recorded. `memory` (one node,
-//! the default) lives here; the data path asks it one question per new
-//! session — claim it, or who owns it — and tells it when a session ends.
+//! The registry: where nodes and session ownership are recorded. `memory`
+//! (one node, the default) or `valkey` (a cluster). The data path asks one
+//! question per new session — claim it, or who owns it — and says when a
+//! session ends; the membership loop (`control::membership`) does the rest.
 
+pub mod keys;
 mod memory;
+mod scripts;
+pub mod valkey;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
 pub use memory::MemoryRegistry;
+pub use valkey::ValkeyRegistry;
+
+use crate::clock;
 
 /// What a claim for a session id decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// This node owns the session now, at `epoch`; `prefer` is the
-    /// upstream a previous owner used, if known.
-    Owned { epoch: u64, prefer: Option<String> },
+    /// upstream it used before, if known; `took_over` when it moved here
+    /// from a node that is gone.
+    Owned {
+        epoch: u64,
+        prefer: Option<String>,
+        took_over: bool,
+    },
+    /// The registry says this node owns it, but this process does not hold
+    /// it (a restart under the same id).
+    Mine { epoch: u64, prefer: Option<String> },
+    /// A live node owns it.
+    Elsewhere {
+        node: String,
+        advertise: String,
+        epoch: u64,
+    },
+    /// Its owner is not live, but takeovers are on hold after a registry
+    /// failover or outage; retry later.
+    Wait,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +52,7 @@ pub enum RegistryError {
 #[derive(Debug, Clone, Serialize)]
 pub struct RegistryStatus {
     pub kind: &'static str,
+    /// `connected` or `disconnected`.
     pub status: &'static str,
     pub primary: Option<String>,
 }
@@ -33,13 +60,62 @@ pub struct RegistryStatus {
 /// The configured registry.
 pub enum Registry {
     Memory(MemoryRegistry),
+    Valkey(Box<ValkeyState>),
+}
+
+/// The Valkey registry plus the takeover hold-off.
+pub struct ValkeyState {
+    pub registry: ValkeyRegistry,
+    /// Until this time (ms on [`clock`]) no node is treated as gone: set
+    /// after the registry came back from a failover or an outage.
+    hold_off_until_ms: AtomicU64,
+    /// Held around each heartbeat; true once the node has left (drain), so
+    /// no heartbeat in flight can register it again.
+    pub left: tokio::sync::Mutex<bool>,
+}
+
+impl ValkeyState {
+    pub fn new(registry: ValkeyRegistry) -> ValkeyState {
+        ValkeyState {
+            registry,
+            hold_off_until_ms: AtomicU64::new(0),
+            left: tokio::sync::Mutex::new(false),
+        }
+    }
+
+    /// Starts the hold-off: every node gets `stale_ttl` to re-register.
+    pub fn hold_off(&self) {
+        let until = clock::now_ms() + self.registry.stale_ttl().as_millis() as u64;
+        self.hold_off_until_ms.store(until, Ordering::Release);
+    }
+
+    pub fn holding_off(&self) -> bool {
+        clock::now_ms() < self.hold_off_until_ms.load(Ordering::Acquire)
+    }
 }
 
 impl Registry {
+    pub fn valkey(&self) -> Option<&ValkeyState> {
+        match self {
+            Registry::Valkey(v) => Some(v),
+            Registry::Memory(_) => None,
+        }
+    }
+
     /// Claims `session` for this node, or says who owns it.
     pub async fn claim(&self, session: &str) -> Result<Claim, RegistryError> {
         match self {
             Registry::Memory(m) => Ok(m.claim(session)),
+            Registry::Valkey(v) => v.registry.claim(session, !v.holding_off()).await,
+        }
+    }
+
+    /// Raises the epoch of a session recorded as this node's that this
+    /// process does not hold.
+    pub async fn bump(&self, session: &str, seen: u64) -> Result<Option<u64>, RegistryError> {
+        match self {
+            Registry::Memory(_) => Ok(Some(seen + 1)),
+            Registry::Valkey(v) => v.registry.bump(session, seen).await,
         }
     }
 
@@ -47,16 +123,27 @@ impl Registry {
     pub async fn set_upstream(&self, session: &str, epoch: u64, upstream: &str) {
         match self {
             Registry::Memory(m) => m.set_upstream(session, epoch, upstream),
+            Registry::Valkey(v) => {
+                if let Err(e) = v.registry.set_upstream(session, epoch, upstream).await {
+                    tracing::debug!(session, error = %e, "could not record the upstream");
+                }
+            }
         }
     }
 
-    /// The session ended for good: forget it.
+    /// The session ended for good: forget it (if still ours at `epoch`).
     pub async fn session_ended(&self, session: &str, epoch: u64) {
         match self {
             Registry::Memory(m) => m.ended(session, epoch),
+            Registry::Valkey(v) => {
+                if let Err(e) = v.registry.end(session, epoch).await {
+                    tracing::debug!(session, error = %e, "could not remove the session key");
+                }
+            }
         }
     }
 
+    /// A live round trip, bounded by a timeout.
     pub async fn status(&self) -> RegistryStatus {
         match self {
             Registry::Memory(_) => RegistryStatus {
@@ -64,12 +151,15 @@ impl Registry {
                 status: "connected",
                 primary: None,
             },
-        }
-    }
-
-    pub fn is_up(&self) -> bool {
-        match self {
-            Registry::Memory(_) => true,
+            Registry::Valkey(v) => RegistryStatus {
+                kind: "valkey",
+                status: if v.registry.ping().await.is_ok() {
+                    "connected"
+                } else {
+                    "disconnected"
+                },
+                primary: Some(v.registry.primary()),
+            },
         }
     }
 }

@@ -1,0 +1,596 @@
+//! The clustered registry on Valkey (or Redis): one multiplexed
+//! connection, re-opened after any failure, every call bounded by a
+//! timeout, ownership changed only through the scripts in `scripts.rs`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Script};
+use serde::{Deserialize, Serialize};
+
+use super::keys::Keys;
+use super::scripts;
+use super::{Claim, RegistryError};
+use crate::clock;
+use crate::config::Config;
+
+/// A node's registration record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub id: String,
+    pub advertise: String,
+    /// Unix seconds.
+    pub started_at: u64,
+    pub version: String,
+    /// Random per process: tells this process's registration from another's.
+    pub instance: String,
+}
+
+/// What a heartbeat found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beat {
+    /// Registration refreshed.
+    Refreshed,
+    /// It had lapsed (this node was frozen or cut off, or the write was lost
+    /// in a failover) and was written anew.
+    Lapsed,
+    /// Another live process holds this id.
+    Conflict,
+}
+
+/// One member as seen in the registry.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub record: NodeRecord,
+    pub ttl_left_ms: u64,
+    pub sessions: usize,
+}
+
+pub struct ValkeyRegistry {
+    pub keys: Keys,
+    pub me: NodeRecord,
+    record_json: String,
+    stale_ttl: Duration,
+    heartbeat: Duration,
+    resume_grace: Duration,
+    op_timeout: Duration,
+    client: redis::Client,
+    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    /// Bumped on every new connection: the membership loop re-asserts
+    /// everything when it changes.
+    generation: AtomicU64,
+    claim: Script,
+    bump: Script,
+    set_upstream: Script,
+    end: Script,
+    release: Script,
+    assert: Script,
+    heartbeat_script: Script,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::Unavailable(e.to_string())
+}
+
+impl ValkeyRegistry {
+    pub fn new(config: &Config) -> Result<ValkeyRegistry, RegistryError> {
+        let client = redis::Client::open(config.valkey.url.as_str()).map_err(unavailable)?;
+        let mut instance = [0u8; 8];
+        fastrand::fill(&mut instance);
+        let me = NodeRecord {
+            id: config.node.id.clone(),
+            advertise: config
+                .node
+                .advertise
+                .clone()
+                .unwrap_or_else(|| config.node.listen.to_string()),
+            started_at: clock::unix_secs(SystemTime::now()),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            instance: instance.iter().map(|b| format!("{b:02x}")).collect(),
+        };
+        let hb = config.cluster.heartbeat_interval;
+        Ok(ValkeyRegistry {
+            keys: Keys::new(&config.cluster.key_prefix),
+            record_json: serde_json::to_string(&me).unwrap_or_default(),
+            me,
+            stale_ttl: config.cluster.stale_ttl,
+            heartbeat: hb,
+            resume_grace: config.session.resume_grace,
+            // A wedged connection must show within one heartbeat.
+            op_timeout: hb.clamp(Duration::from_millis(50), Duration::from_secs(2)),
+            client,
+            conn: tokio::sync::Mutex::new(None),
+            generation: AtomicU64::new(0),
+            claim: Script::new(scripts::CLAIM),
+            bump: Script::new(scripts::BUMP),
+            set_upstream: Script::new(scripts::SET_UPSTREAM),
+            end: Script::new(scripts::END),
+            release: Script::new(scripts::RELEASE),
+            assert: Script::new(scripts::ASSERT),
+            heartbeat_script: Script::new(scripts::HEARTBEAT),
+        })
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn stale_ttl(&self) -> Duration {
+        self.stale_ttl
+    }
+
+    /// The current connection, opening one if there is none.
+    async fn conn(&self) -> Result<MultiplexedConnection, RegistryError> {
+        let mut current = self.conn.lock().await;
+        if let Some(c) = current.as_ref() {
+            return Ok(c.clone());
+        }
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.op_timeout))
+            .set_response_timeout(Some(self.op_timeout));
+        let c = tokio::time::timeout(
+            self.op_timeout * 2,
+            self.client
+                .get_multiplexed_async_connection_with_config(&cfg),
+        )
+        .await
+        .map_err(|_| unavailable("connect timed out"))?
+        .map_err(unavailable)?;
+        *current = Some(c.clone());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(c)
+    }
+
+    /// Runs one registry operation with the timeout; a failure drops the
+    /// connection so the next call opens a fresh one.
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, RegistryError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let c = self.conn().await?;
+        match tokio::time::timeout(self.op_timeout, op(c)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_timeout()
+                    || e.is_unrecoverable_error()
+                {
+                    *self.conn.lock().await = None;
+                }
+                Err(unavailable(e))
+            }
+            Err(_) => {
+                *self.conn.lock().await = None;
+                Err(unavailable("timed out"))
+            }
+        }
+    }
+
+    /// A live round trip.
+    pub async fn ping(&self) -> Result<(), RegistryError> {
+        self.run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// Writes the registration only if no live one holds the id.
+    pub async fn register(&self) -> Result<bool, RegistryError> {
+        let key = self.keys.node(&self.me.id);
+        let nodes = self.keys.nodes();
+        let json = self.record_json.clone();
+        let ttl = self.stale_ttl.as_millis() as u64;
+        let id = self.me.id.clone();
+        self.run(|mut c| async move {
+            let set: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(&json)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl)
+                .query_async(&mut c)
+                .await?;
+            if set.is_some() {
+                redis::cmd("SADD")
+                    .arg(&nodes)
+                    .arg(&id)
+                    .query_async::<i64>(&mut c)
+                    .await?;
+            }
+            Ok(set.is_some())
+        })
+        .await
+    }
+
+    pub async fn heartbeat(&self) -> Result<Beat, RegistryError> {
+        let key = self.keys.node(&self.me.id);
+        let nodes = self.keys.nodes();
+        let id = self.me.id.clone();
+        let json = self.record_json.clone();
+        let ttl = self.stale_ttl.as_millis() as u64;
+        let script = &self.heartbeat_script;
+        self.run(|mut c| async move {
+            let r: i64 = script
+                .key(&key)
+                .arg(&json)
+                .arg(ttl)
+                .invoke_async(&mut c)
+                .await?;
+            if r == 0 {
+                redis::cmd("SADD")
+                    .arg(&nodes)
+                    .arg(&id)
+                    .query_async::<i64>(&mut c)
+                    .await?;
+            }
+            Ok(match r {
+                1 => Beat::Refreshed,
+                0 => Beat::Lapsed,
+                _ => Beat::Conflict,
+            })
+        })
+        .await
+    }
+
+    /// Removes this node's registration (drain).
+    pub async fn deregister(&self) -> Result<(), RegistryError> {
+        let key = self.keys.node(&self.me.id);
+        let nodes = self.keys.nodes();
+        let id = self.me.id.clone();
+        let json = self.record_json.clone();
+        self.run(|mut c| async move {
+            let cur: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut c).await?;
+            if cur.as_deref() == Some(json.as_str()) {
+                redis::cmd("DEL")
+                    .arg(&key)
+                    .query_async::<i64>(&mut c)
+                    .await?;
+            }
+            redis::cmd("SREM")
+                .arg(&nodes)
+                .arg(&id)
+                .query_async::<i64>(&mut c)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn claim(&self, sid: &str, allow_takeover: bool) -> Result<Claim, RegistryError> {
+        let key = self.keys.session(sid);
+        let set = self.keys.node_sessions(&self.me.id);
+        let prefix = self.keys.node_prefix();
+        let me = self.me.id.clone();
+        let sid_owned = sid.to_string();
+        let script = &self.claim;
+        let (verdict, epoch, upstream, detail): (String, u64, String, String) = self
+            .run(|mut c| async move {
+                script
+                    .key(&key)
+                    .key(&set)
+                    .arg(&me)
+                    .arg(&prefix)
+                    .arg(&sid_owned)
+                    .arg(if allow_takeover { "1" } else { "0" })
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        let prefer = (!upstream.is_empty()).then_some(upstream);
+        Ok(match verdict.as_str() {
+            "new" => Claim::Owned {
+                epoch,
+                prefer,
+                took_over: false,
+            },
+            "takeover" => Claim::Owned {
+                epoch,
+                prefer,
+                took_over: true,
+            },
+            "mine" => Claim::Mine { epoch, prefer },
+            "owned" => match serde_json::from_str::<NodeRecord>(&detail) {
+                Ok(node) => Claim::Elsewhere {
+                    node: node.id,
+                    advertise: node.advertise,
+                    epoch,
+                },
+                Err(_) => Claim::Wait,
+            },
+            _ => Claim::Wait,
+        })
+    }
+
+    /// Raises the epoch of a session the registry says is this node's but
+    /// that this process does not hold.
+    pub async fn bump(&self, sid: &str, seen: u64) -> Result<Option<u64>, RegistryError> {
+        let (key, set, me, sid) = (
+            self.keys.session(sid),
+            self.keys.node_sessions(&self.me.id),
+            self.me.id.clone(),
+            sid.to_string(),
+        );
+        let script = &self.bump;
+        let epoch: u64 = self
+            .run(|mut c| async move {
+                script
+                    .key(&key)
+                    .key(&set)
+                    .arg(&me)
+                    .arg(seen)
+                    .arg(&sid)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok((epoch > 0).then_some(epoch))
+    }
+
+    pub async fn set_upstream(
+        &self,
+        sid: &str,
+        epoch: u64,
+        upstream: &str,
+    ) -> Result<(), RegistryError> {
+        let (key, me, up) = (
+            self.keys.session(sid),
+            self.me.id.clone(),
+            upstream.to_string(),
+        );
+        let script = &self.set_upstream;
+        self.run(|mut c| async move {
+            script
+                .key(&key)
+                .arg(&me)
+                .arg(epoch)
+                .arg(&up)
+                .invoke_async::<i64>(&mut c)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn end(&self, sid: &str, epoch: u64) -> Result<(), RegistryError> {
+        let (key, set, me, sid) = (
+            self.keys.session(sid),
+            self.keys.node_sessions(&self.me.id),
+            self.me.id.clone(),
+            sid.to_string(),
+        );
+        let script = &self.end;
+        self.run(|mut c| async move {
+            script
+                .key(&key)
+                .key(&set)
+                .arg(&me)
+                .arg(epoch)
+                .arg(&sid)
+                .invoke_async::<i64>(&mut c)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Releases many sessions of `owner` at once (drain, or collecting a
+    /// dead node), keeping each epoch for `ttl`.
+    pub async fn release_many(
+        &self,
+        owner: &str,
+        sessions: &[(String, Option<u64>)],
+        ttl: Duration,
+    ) -> Result<(), RegistryError> {
+        for chunk in sessions.chunks(500) {
+            let mut pipe = redis::pipe();
+            for (sid, epoch) in chunk {
+                let keys = [self.keys.session(sid), self.keys.node_sessions(owner)];
+                let epoch = epoch.map(|e| e.to_string()).unwrap_or_default();
+                let args = [
+                    owner.to_string(),
+                    epoch,
+                    (ttl.as_millis() as u64).to_string(),
+                    sid.clone(),
+                ];
+                pipe.add_command(evalsha(&self.release, &keys, &args))
+                    .ignore();
+            }
+            self.run_script_pipe::<()>(pipe, &self.release).await?;
+        }
+        Ok(())
+    }
+
+    /// The TTL a drained node's released sessions keep their epoch for.
+    pub fn release_ttl(&self) -> Duration {
+        self.resume_grace + self.stale_ttl
+    }
+
+    /// The TTL of a dead node's sessions once collected: gone within
+    /// 2 x stale_ttl of the death.
+    pub fn collected_ttl(&self) -> Duration {
+        self.stale_ttl
+            .saturating_sub(self.heartbeat)
+            .max(Duration::from_millis(10))
+    }
+
+    /// Restates every session this node holds; returns the ids that
+    /// another owner has won (their local copies must close).
+    pub async fn assert_many(
+        &self,
+        sessions: &[(String, u64, String)],
+    ) -> Result<Vec<String>, RegistryError> {
+        let mut lost = Vec::new();
+        for chunk in sessions.chunks(500) {
+            let mut pipe = redis::pipe();
+            for (sid, epoch, upstream) in chunk {
+                let keys = [self.keys.session(sid), self.keys.node_sessions(&self.me.id)];
+                let args = [
+                    self.me.id.clone(),
+                    epoch.to_string(),
+                    upstream.clone(),
+                    sid.clone(),
+                ];
+                pipe.add_command(evalsha(&self.assert, &keys, &args));
+            }
+            let results: Vec<i64> = self.run_script_pipe(pipe, &self.assert).await?;
+            lost.extend(
+                chunk
+                    .iter()
+                    .zip(results)
+                    .filter(|(_, r)| *r == 0)
+                    .map(|((sid, _, _), _)| sid.clone()),
+            );
+        }
+        Ok(lost)
+    }
+
+    /// Runs a pipeline of EVALSHA calls, loading the script first.
+    async fn run_script_pipe<T: redis::FromRedisValue + Send + 'static>(
+        &self,
+        pipe: redis::Pipeline,
+        script: &Script,
+    ) -> Result<T, RegistryError> {
+        let load = script.clone();
+        self.run(|mut c| async move {
+            load.prepare_invoke().load_async(&mut c).await?;
+            pipe.query_async(&mut c).await
+        })
+        .await
+    }
+
+    /// Every registered member with its record, remaining TTL and session
+    /// count; ids whose registration is gone come back as `dead`.
+    pub async fn members(&self) -> Result<(Vec<Member>, Vec<String>), RegistryError> {
+        let nodes_key = self.keys.nodes();
+        let ids: Vec<String> = self
+            .run(|mut c| async move {
+                redis::cmd("SMEMBERS")
+                    .arg(&nodes_key)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        if ids.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("GET").arg(self.keys.node(id));
+            pipe.cmd("PTTL").arg(self.keys.node(id));
+            pipe.cmd("SCARD").arg(self.keys.node_sessions(id));
+        }
+        let values: Vec<redis::Value> = self
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        let mut members = Vec::new();
+        let mut dead = Vec::new();
+        for (id, v) in ids.into_iter().zip(values.chunks(3)) {
+            let record: Option<String> = redis::from_redis_value(v[0].clone()).ok().flatten();
+            let ttl: i64 = redis::from_redis_value(v[1].clone()).unwrap_or(-2);
+            let sessions: usize = redis::from_redis_value(v[2].clone()).unwrap_or(0);
+            match record.and_then(|r| serde_json::from_str::<NodeRecord>(&r).ok()) {
+                Some(record) => members.push(Member {
+                    record,
+                    ttl_left_ms: ttl.max(0) as u64,
+                    sessions,
+                }),
+                None => dead.push(id),
+            }
+        }
+        Ok((members, dead))
+    }
+
+    /// Collects a dead node: one survivor wins the lock, releases the dead
+    /// node's sessions (short TTL) and removes it from the member set.
+    pub async fn collect(&self, dead: &str) -> Result<usize, RegistryError> {
+        let lock = self.keys.gc(dead);
+        let me = self.me.id.clone();
+        let ttl = self.stale_ttl.as_millis() as u64;
+        let won: Option<String> = self
+            .run(|mut c| async move {
+                redis::cmd("SET")
+                    .arg(&lock)
+                    .arg(&me)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        if won.is_none() {
+            return Ok(0);
+        }
+        let set = self.keys.node_sessions(dead);
+        let sids: Vec<String> = self
+            .run(|mut c| async move { redis::cmd("SMEMBERS").arg(&set).query_async(&mut c).await })
+            .await?;
+        let sessions: Vec<(String, Option<u64>)> = sids.into_iter().map(|s| (s, None)).collect();
+        self.release_many(dead, &sessions, self.collected_ttl())
+            .await?;
+        let (set, nodes, id) = (
+            self.keys.node_sessions(dead),
+            self.keys.nodes(),
+            dead.to_string(),
+        );
+        self.run(|mut c| async move {
+            redis::pipe()
+                .cmd("DEL")
+                .arg(&set)
+                .ignore()
+                .cmd("SREM")
+                .arg(&nodes)
+                .arg(&id)
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await?;
+        Ok(sessions.len())
+    }
+
+    /// The owner, epoch and upstream recorded for a session.
+    pub async fn lookup(&self, sid: &str) -> Result<Option<(String, u64, String)>, RegistryError> {
+        let key = self.keys.session(sid);
+        let v: Option<String> = self
+            .run(|mut c| async move { redis::cmd("GET").arg(&key).query_async(&mut c).await })
+            .await?;
+        Ok(v.and_then(|v| {
+            let mut parts = v.splitn(3, '|');
+            let owner = parts.next()?.to_string();
+            let epoch = parts.next()?.parse().ok()?;
+            let up = parts.next().unwrap_or("").to_string();
+            Some((owner, epoch, up))
+        }))
+    }
+
+    /// A node's record, if it is registered.
+    pub async fn node(&self, id: &str) -> Result<Option<NodeRecord>, RegistryError> {
+        let key = self.keys.node(id);
+        let v: Option<String> = self
+            .run(|mut c| async move { redis::cmd("GET").arg(&key).query_async(&mut c).await })
+            .await?;
+        Ok(v.and_then(|v| serde_json::from_str(&v).ok()))
+    }
+
+    /// The address of the server in use.
+    pub fn primary(&self) -> String {
+        let info = self.client.get_connection_info();
+        info.addr().to_string()
+    }
+}
+
+/// One EVALSHA call for a pipeline (the script is loaded just before).
+fn evalsha(script: &Script, keys: &[String], args: &[String]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys.len());
+    for k in keys {
+        cmd.arg(k);
+    }
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd
+}
