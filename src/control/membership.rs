@@ -40,6 +40,7 @@ pub async fn run(broker: Arc<Broker>, stop: CancellationToken) {
         }
     }
     tracing::info!(node = %broker.node_id, advertise = %reg.me.advertise, "registered");
+    state.beat_ok();
     broker.lifecycle.set_running();
     let mut seen_generation = reg.generation();
     let mut last_ok = Instant::now();
@@ -78,6 +79,7 @@ pub async fn run(broker: Arc<Broker>, stop: CancellationToken) {
                     reassert(&broker, state).await;
                 }
                 last_ok = Instant::now();
+                state.beat_ok();
                 detached_ended = false;
                 refresh_members(&broker, state).await;
             }

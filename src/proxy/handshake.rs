@@ -186,7 +186,7 @@ async fn upgrade(
         let verified = broker
             .hops
             .as_ref()
-            .map(|k| k.verify(&h, &id, path_and_query));
+            .map(|k| k.verify(&h, &id, path_and_query, broker.upstreams.connect_timeout()));
         match verified {
             Some(Ok(hop)) => {
                 tracing::debug!(session = %id, from = %hop.from, "forwarded upgrade");

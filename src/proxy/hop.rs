@@ -12,8 +12,10 @@ use sha2::Sha256;
 
 /// The header a hop travels in.
 pub const HOP_HEADER: &str = "x-wsbroker-hop";
-/// How far a hop's timestamp may be from the receiver's clock.
+/// How far ahead of the receiver's clock a hop's timestamp may be (skew).
 pub const WINDOW: Duration = Duration::from_secs(30);
+/// Added to the sender's patience when judging a hop's age (clock skew).
+pub const AGE_MARGIN: Duration = Duration::from_millis(500);
 /// Nonces remembered at most (older ones are pruned first).
 const MAX_NONCES: usize = 100_000;
 
@@ -90,8 +92,16 @@ impl HopKeys {
         format!("v1 from={from} ts={ts} nonce={nonce} client={client} proto={proto} sig={sig}")
     }
 
-    /// Checks a hop header for `session` at `target`.
-    pub fn verify(&self, header: &str, session: &str, target: &str) -> Result<Hop, HopError> {
+    /// Checks a hop header for `session` at `target`. A hop older than
+    /// `max_age` is stale: its sender (which waits at most that long) has
+    /// given up on it, as after this node was frozen.
+    pub fn verify(
+        &self,
+        header: &str,
+        session: &str,
+        target: &str,
+        max_age: Duration,
+    ) -> Result<Hop, HopError> {
         let mut parts = header.split(' ');
         if parts.next() != Some("v1") {
             return Err(HopError::Malformed);
@@ -126,7 +136,8 @@ impl HopKeys {
         let ts: u64 = ts.parse().map_err(|_| HopError::Malformed)?;
         let now = now_ms();
         let window = WINDOW.as_millis() as u64;
-        if ts + window < now || ts > now + window {
+        let oldest = now.saturating_sub((max_age + AGE_MARGIN).as_millis() as u64);
+        if ts < oldest || ts > now + window {
             return Err(HopError::Stale);
         }
         if self.seen.len() >= MAX_NONCES {
@@ -151,7 +162,9 @@ mod tests {
     fn signed_hops_verify_once() {
         let k = HopKeys::new("s3cret");
         let h = k.sign("node-a", "192.0.2.1", false, "sid", "/?session=sid");
-        let hop = k.verify(&h, "sid", "/?session=sid").expect("valid hop");
+        let hop = k
+            .verify(&h, "sid", "/?session=sid", WINDOW)
+            .expect("valid hop");
         assert_eq!(
             hop,
             Hop {
@@ -161,7 +174,7 @@ mod tests {
             }
         );
         assert_eq!(
-            k.verify(&h, "sid", "/?session=sid"),
+            k.verify(&h, "sid", "/?session=sid", WINDOW),
             Err(HopError::Replayed)
         );
     }
@@ -171,13 +184,19 @@ mod tests {
         let k = HopKeys::new("s3cret");
         let other = HopKeys::new("guess");
         let h = other.sign("node-a", "192.0.2.1", false, "sid", "/");
-        assert_eq!(k.verify(&h, "sid", "/"), Err(HopError::BadSignature));
-        let h = k.sign("node-a", "192.0.2.1", false, "sid", "/");
         assert_eq!(
-            k.verify(&h, "other-session", "/"),
+            k.verify(&h, "sid", "/", WINDOW),
             Err(HopError::BadSignature)
         );
-        assert_eq!(k.verify("v1 from=x", "sid", "/"), Err(HopError::Malformed));
+        let h = k.sign("node-a", "192.0.2.1", false, "sid", "/");
+        assert_eq!(
+            k.verify(&h, "other-session", "/", WINDOW),
+            Err(HopError::BadSignature)
+        );
+        assert_eq!(
+            k.verify("v1 from=x", "sid", "/", WINDOW),
+            Err(HopError::Malformed)
+        );
     }
 
     #[test]
@@ -189,6 +208,6 @@ mod tests {
             .finalize()
             .into_bytes());
         let h = format!("v1 from=a ts={ts} nonce=00 client=c proto=http sig={sig}");
-        assert_eq!(k.verify(&h, "sid", "/"), Err(HopError::Stale));
+        assert_eq!(k.verify(&h, "sid", "/", WINDOW), Err(HopError::Stale));
     }
 }

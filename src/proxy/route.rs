@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::driver::Driver;
-use super::session::{AttachRefused, Reservation, Session};
+use super::session::{AttachRefused, Cmd, EndReason, Reservation, Session};
 use super::upstream_dial::{dial, DialError, DialRequest};
 use crate::broker::Broker;
 use crate::config::OnRegistryDown;
@@ -74,6 +74,9 @@ pub async fn route(
     let mode = broker.config.session.attach;
     for _ in 0..6 {
         if let Some(session) = broker.sessions.get(id) {
+            if !still_owned(broker, &session).await {
+                continue;
+            }
             match session.reserve(mode) {
                 Ok(reservation) => {
                     return Ok(Decision::Local {
@@ -112,6 +115,35 @@ pub async fn route(
         }
     }
     Err(RouteError::Contended)
+}
+
+/// After a freeze or a partition (registration not renewed within
+/// stale_ttl) another node may have taken the session over: check before
+/// attaching anyone to the local copy, and end it if it was superseded.
+async fn still_owned(broker: &Arc<Broker>, session: &Arc<Session>) -> bool {
+    let Some(v) = broker.registry.valkey() else {
+        return true;
+    };
+    if v.registration_fresh() {
+        return true;
+    }
+    match v.registry.lookup(&session.id).await {
+        Ok(Some((owner, epoch, _))) if owner == broker.node_id && epoch == session.epoch => true,
+        // Unreachable registry: live sessions go on.
+        Err(_) => true,
+        Ok(_) => {
+            tracing::warn!(session = %session.id, epoch = session.epoch, "session moved while this node was away; closing this copy");
+            session.mark_ended();
+            session
+                .send(Cmd::End {
+                    reason: EndReason::MOVED,
+                    after: Duration::ZERO,
+                })
+                .await;
+            broker.sessions.remove(session);
+            false
+        }
+    }
 }
 
 /// Removes the creation marker (waking waiters) however creation ends.

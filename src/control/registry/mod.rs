@@ -72,6 +72,8 @@ pub struct ValkeyState {
     /// Held around each heartbeat; true once the node has left (drain), so
     /// no heartbeat in flight can register it again.
     pub left: tokio::sync::Mutex<bool>,
+    /// Last successful heartbeat (ms on [`clock`]).
+    last_beat_ms: AtomicU64,
 }
 
 impl ValkeyState {
@@ -80,6 +82,7 @@ impl ValkeyState {
             registry,
             hold_off_until_ms: AtomicU64::new(0),
             left: tokio::sync::Mutex::new(false),
+            last_beat_ms: AtomicU64::new(clock::now_ms()),
         }
     }
 
@@ -87,6 +90,19 @@ impl ValkeyState {
     pub fn hold_off(&self) {
         let until = clock::now_ms() + self.registry.stale_ttl().as_millis() as u64;
         self.hold_off_until_ms.store(until, Ordering::Release);
+    }
+
+    pub fn beat_ok(&self) -> bool {
+        self.last_beat_ms.store(clock::now_ms(), Ordering::Release);
+        true
+    }
+
+    /// This node's registration was renewed within `stale_ttl`: no other
+    /// node can have taken its sessions over. False after a freeze or a
+    /// partition, until the next heartbeat re-asserts them.
+    pub fn registration_fresh(&self) -> bool {
+        let age = clock::now_ms().saturating_sub(self.last_beat_ms.load(Ordering::Acquire));
+        age < self.registry.stale_ttl().as_millis() as u64
     }
 
     pub fn holding_off(&self) -> bool {

@@ -75,9 +75,12 @@ redis.call('DEL', KEYS[1])
 return 1
 "#;
 
-/// Release a session (owner ""), keeping epoch and upstream for ARGV[3] ms.
-/// KEYS: session, node set. ARGV: owner, epoch ("" = any), ttl ms, session id.
+/// Release a session (owner ""), keeping epoch and upstream for ARGV[3] ms,
+/// unless the owner is registered (it came back: its sessions stay its own).
+/// KEYS: session, owner's node set, owner's node key. ARGV: owner, epoch
+/// ("" = any), ttl ms, session id.
 pub const RELEASE: &str = r#"
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 redis.call('SREM', KEYS[2], ARGV[4])
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
@@ -112,10 +115,12 @@ return 1
 "#;
 
 /// Refresh this node's registration if it is still the one written by this
-/// process. KEYS: node key. ARGV: record, ttl ms. Returns 1 when refreshed,
-/// 0 when it had lapsed (expired or lost) and was written anew, -1 when
-/// another process holds the id.
+/// process, and (re)state its membership. KEYS: node key, member set.
+/// ARGV: record, ttl ms, node id. Returns 1 when refreshed, 0 when it had
+/// lapsed (expired or lost) and was written anew, -1 when another process
+/// holds the id.
 pub const HEARTBEAT: &str = r#"
+redis.call('SADD', KEYS[2], ARGV[3])
 local v = redis.call('GET', KEYS[1])
 if v == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -124,4 +129,13 @@ end
 if v then return -1 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 0
+"#;
+
+/// Forget a dead node, unless it came back meanwhile. KEYS: node key,
+/// node set, member set. ARGV: node id.
+pub const FORGET: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+return 1
 "#;

@@ -67,6 +67,7 @@ pub struct ValkeyRegistry {
     release: Script,
     assert: Script,
     heartbeat_script: Script,
+    forget: Script,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> RegistryError {
@@ -109,6 +110,7 @@ impl ValkeyRegistry {
             release: Script::new(scripts::RELEASE),
             assert: Script::new(scripts::ASSERT),
             heartbeat_script: Script::new(scripts::HEARTBEAT),
+            forget: Script::new(scripts::FORGET),
         })
     }
 
@@ -211,27 +213,23 @@ impl ValkeyRegistry {
         let json = self.record_json.clone();
         let ttl = self.stale_ttl.as_millis() as u64;
         let script = &self.heartbeat_script;
-        self.run(|mut c| async move {
-            let r: i64 = script
-                .key(&key)
-                .arg(&json)
-                .arg(ttl)
-                .invoke_async(&mut c)
-                .await?;
-            if r == 0 {
-                redis::cmd("SADD")
-                    .arg(&nodes)
+        let r: i64 = self
+            .run(|mut c| async move {
+                script
+                    .key(&key)
+                    .key(&nodes)
+                    .arg(&json)
+                    .arg(ttl)
                     .arg(&id)
-                    .query_async::<i64>(&mut c)
-                    .await?;
-            }
-            Ok(match r {
-                1 => Beat::Refreshed,
-                0 => Beat::Lapsed,
-                _ => Beat::Conflict,
+                    .invoke_async(&mut c)
+                    .await
             })
+            .await?;
+        Ok(match r {
+            1 => Beat::Refreshed,
+            0 => Beat::Lapsed,
+            _ => Beat::Conflict,
         })
-        .await
     }
 
     /// Removes this node's registration (drain).
@@ -386,7 +384,11 @@ impl ValkeyRegistry {
         for chunk in sessions.chunks(500) {
             let mut pipe = redis::pipe();
             for (sid, epoch) in chunk {
-                let keys = [self.keys.session(sid), self.keys.node_sessions(owner)];
+                let keys = [
+                    self.keys.session(sid),
+                    self.keys.node_sessions(owner),
+                    self.keys.node(owner),
+                ];
                 let epoch = epoch.map(|e| e.to_string()).unwrap_or_default();
                 let args = [
                     owner.to_string(),
@@ -530,21 +532,20 @@ impl ValkeyRegistry {
         let sessions: Vec<(String, Option<u64>)> = sids.into_iter().map(|s| (s, None)).collect();
         self.release_many(dead, &sessions, self.collected_ttl())
             .await?;
-        let (set, nodes, id) = (
+        let (node, set, nodes, id) = (
+            self.keys.node(dead),
             self.keys.node_sessions(dead),
             self.keys.nodes(),
             dead.to_string(),
         );
+        let script = &self.forget;
         self.run(|mut c| async move {
-            redis::pipe()
-                .cmd("DEL")
-                .arg(&set)
-                .ignore()
-                .cmd("SREM")
-                .arg(&nodes)
+            script
+                .key(&node)
+                .key(&set)
+                .key(&nodes)
                 .arg(&id)
-                .ignore()
-                .query_async::<()>(&mut c)
+                .invoke_async::<i64>(&mut c)
                 .await
         })
         .await?;

@@ -1,0 +1,403 @@
+//! Cluster mode with real valkey-server and real wsbroker processes:
+//! membership, forwarding, hops, takeover, fencing, drain re-homing,
+//! key collection, registry outage.
+
+mod common;
+
+use std::time::Duration;
+
+use common::valkey::*;
+use common::*;
+use futures_util::SinkExt;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+fn url(p: &BrokerProcess, sid: &str) -> String {
+    format!("ws://{}/?session={sid}", p.public)
+}
+
+async fn metric(p: &BrokerProcess, name: &str) -> f64 {
+    let (_, _, body) = http(p.admin, "GET", "/metrics", &[], b"")
+        .await
+        .expect("metrics");
+    let text = String::from_utf8_lossy(&body).to_string();
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing"))
+}
+
+#[tokio::test]
+async fn membership_registers_heartbeats_and_deregisters_on_drain() {
+    let valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let nodes = start_cluster(3, &[up.url()], &valkey, "").await;
+    let mut ws = connect(&url(&nodes[0], "m1")).await;
+    echo(&mut ws, "x").await;
+    for p in &nodes {
+        let (status, h) = health(p.public).await;
+        assert_eq!(status, 200);
+        assert_eq!(h["registry"]["kind"], "valkey");
+        assert_eq!(h["registry"]["status"], "connected");
+        assert_eq!(h["registry"]["primary"], valkey.addr().to_string());
+        assert_eq!(h["cluster"]["healthy_instances"], 3);
+    }
+    let public = nodes[1].public;
+    eventually(
+        Duration::from_secs(5),
+        "total sessions counted cluster-wide",
+        || async move {
+            let h = health(public).await.1;
+            h["cluster"]["total_sessions"] == 1 && h["cluster"]["local_sessions"] == 0
+        },
+    )
+    .await;
+    let (status, c) = admin_json(nodes[0].admin, "/admin/cluster").await;
+    assert_eq!(status, 200);
+    let instances = c["instances"].as_array().expect("instances");
+    let mut ids: Vec<&str> = instances.iter().filter_map(|i| i["id"].as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, vec!["n1", "n2", "n3"]);
+    for i in instances {
+        assert!(
+            i["heartbeat_age_ms"].as_u64().expect("age") < STALE_TTL_MS,
+            "{i}"
+        );
+        assert_eq!(i["healthy"], true);
+        assert!(i["advertise"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:")));
+    }
+    let mut nodes = nodes;
+    let mut third = nodes.pop().expect("n3");
+    third.signal("TERM");
+    third.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(
+        valkey.get("wsb:node:n3").await,
+        None,
+        "deregistered on drain, not left to expire"
+    );
+    let public = nodes[0].public;
+    eventually(
+        Duration::from_secs(2),
+        "the others see two nodes",
+        || async move { health(public).await.1["cluster"]["registered_instances"] == 2 },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_upgrade_on_a_non_owner_is_forwarded_to_the_owner() {
+    let valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let nodes = start_cluster(3, &[up.url()], &valkey, "[session]\nattach = \"shared\"\n").await;
+    let mut a = connect(&url(&nodes[0], "fw")).await;
+    echo(&mut a, "on owner").await;
+    let mut b = connect(&url(&nodes[1], "fw")).await;
+    echo(&mut b, "via n2").await;
+    let mut c = connect(&url(&nodes[2], "fw")).await;
+    echo(&mut c, "via n3").await;
+    assert_eq!(
+        up.connections_for("fw"),
+        1,
+        "one upstream connection, on the owner"
+    );
+    assert_eq!(up.max_open_for("fw"), 1);
+    assert_eq!(metric(&nodes[1], "wsbroker_forwarded_total").await, 1.0);
+    assert_eq!(metric(&nodes[0], "wsbroker_forwarded_total").await, 0.0);
+    let (_, s) = admin_json(nodes[0].admin, "/admin/sessions/fw").await;
+    assert_eq!(
+        (s["owner"].as_str(), s["clients"].as_u64()),
+        (Some("n1"), Some(3))
+    );
+    // The forwarded client's address reaches the upstream, not the hop's.
+    let hs = up.handshakes();
+    assert_eq!(hs[0].header("x-forwarded-for"), Some("127.0.0.1"));
+}
+
+#[tokio::test]
+async fn forged_and_replayed_hops_get_403() {
+    let valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let nodes = start_cluster(1, &[up.url()], &valkey, "").await;
+    let forged = wsbroker::proxy::hop::HopKeys::new("not-the-secret").sign(
+        "n9",
+        "10.0.0.1",
+        false,
+        "h1",
+        "/?session=h1",
+    );
+    assert_eq!(
+        upgrade_status(&url(&nodes[0], "h1"), &[("X-Wsbroker-Hop", &forged)]).await,
+        403
+    );
+    let valid = wsbroker::proxy::hop::HopKeys::new("test-secret").sign(
+        "n9",
+        "10.0.0.1",
+        false,
+        "h2",
+        "/?session=h2",
+    );
+    let (mut ws, _) = connect_with(&url(&nodes[0], "h2"), &[("X-Wsbroker-Hop", &valid)])
+        .await
+        .expect("a valid hop is served");
+    echo(&mut ws, "x").await;
+    assert_eq!(
+        up.handshakes()[0].header("x-forwarded-for"),
+        Some("10.0.0.1"),
+        "the hop names the client"
+    );
+    assert_eq!(
+        upgrade_status(&url(&nodes[0], "h2"), &[("X-Wsbroker-Hop", &valid)]).await,
+        403,
+        "replay"
+    );
+    // A hop bound to another session does not verify for this one.
+    let other = wsbroker::proxy::hop::HopKeys::new("test-secret").sign(
+        "n9",
+        "10.0.0.1",
+        false,
+        "h3",
+        "/?session=h3",
+    );
+    assert_eq!(
+        upgrade_status(&url(&nodes[0], "h4"), &[("X-Wsbroker-Hop", &other)]).await,
+        403
+    );
+}
+
+#[tokio::test]
+async fn a_dead_owners_session_is_taken_over_on_its_previous_upstream() {
+    let valkey = Valkey::start().await;
+    let ups = [TestUpstream::start().await, TestUpstream::start().await];
+    let urls: Vec<String> = ups.iter().map(TestUpstream::url).collect();
+    let mut nodes = start_cluster(2, &urls, &valkey, "").await;
+    let mut ws = connect(&url(&nodes[0], "tk")).await;
+    echo(&mut ws, "x").await;
+    let home = ups
+        .iter()
+        .position(|u| u.connections_for("tk") == 1)
+        .expect("on one upstream");
+    let killed_at = Instant::now();
+    let _ = nodes[0].child.kill(); // SIGKILL
+    let target = url(&nodes[1], "tk");
+    eventually(
+        Duration::from_secs(5),
+        "the session is taken over through n2",
+        || {
+            let target = target.clone();
+            async move { upgrade_status(&target, &[]).await == 101 }
+        },
+    )
+    .await;
+    let took = killed_at.elapsed();
+    let hs = ups[home].handshakes();
+    assert_eq!(hs.len(), 2, "back on its previous upstream");
+    assert_eq!(hs[1].header("x-session-epoch"), Some("2"));
+    assert!(
+        took < Duration::from_millis(STALE_TTL_MS * 4),
+        "took {took:?}"
+    );
+    assert_eq!(metric(&nodes[1], "wsbroker_migrations_total").await, 1.0);
+    assert!(ups.iter().all(|u| u.max_open_for("tk") <= 1));
+}
+
+#[tokio::test]
+async fn an_unreachable_live_owner_gets_503_and_no_second_owner() {
+    let valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let nodes = start_cluster(2, &[up.url()], &valkey, "[node]\ndrain_timeout = \"1s\"\n").await;
+    let mut ws = connect(&url(&nodes[0], "un")).await;
+    echo(&mut ws, "x").await;
+    nodes[0].signal("STOP");
+    // Still registered for up to stale_ttl: n2 forwards, n1 does not answer.
+    let status = upgrade_status(&url(&nodes[1], "un"), &[]).await;
+    nodes[0].signal("CONT");
+    assert_eq!(status, 503);
+    assert_eq!(up.connections_for("un"), 1, "no second owner was created");
+}
+
+#[tokio::test]
+async fn a_frozen_owner_closes_its_copy_with_4003_after_takeover() {
+    let valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let nodes = start_cluster(2, &[up.url()], &valkey, "").await;
+    let mut old = connect(&url(&nodes[0], "fz")).await;
+    echo(&mut old, "x").await;
+    nodes[0].signal("STOP");
+    // Past stale_ttl the session is n2's to take.
+    let target = url(&nodes[1], "fz");
+    let mut fresh = None;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fresh.is_none() {
+        if let Ok((ws, _)) = connect_with(&target, &[]).await {
+            fresh = Some(ws);
+        } else {
+            assert!(Instant::now() < deadline, "n2 never took the session over");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut fresh = fresh.expect("connected");
+    echo(&mut fresh, "on n2").await;
+    let resumed = Instant::now();
+    nodes[0].signal("CONT");
+    let (code, reason) = expect_close(&mut old, Duration::from_secs(5)).await;
+    let took = resumed.elapsed();
+    assert_eq!((code, reason.as_str()), (4003, "session moved"));
+    assert!(
+        took < Duration::from_millis(HEARTBEAT_MS * 5),
+        "closed {took:?} after SIGCONT"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the stale upstream connection closed with 4003",
+        || async { up.closes_for("fz").iter().any(|c| c.0 == 4003) && up.open_for("fz") == 1 },
+    )
+    .await;
+    let hs = up.handshakes();
+    assert_eq!(
+        hs.last().and_then(|h| h.header("x-session-epoch")),
+        Some("2")
+    );
+    echo(&mut fresh, "still fine").await;
+}
+
+#[tokio::test]
+async fn drain_rehomes_sessions_at_once() {
+    let valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let mut nodes =
+        start_cluster(2, &[up.url()], &valkey, "[node]\ndrain_timeout = \"2s\"\n").await;
+    let mut ws = connect(&url(&nodes[0], "dr")).await;
+    echo(&mut ws, "x").await;
+    nodes[0].signal("TERM");
+    let (code, _) = expect_close(&mut ws, Duration::from_secs(3)).await;
+    assert_eq!(code, 1012);
+    let started = Instant::now();
+    let (mut back, _) = connect_with(&url(&nodes[1], "dr"), &[])
+        .await
+        .expect("re-homed without waiting for stale_ttl");
+    assert!(
+        started.elapsed() < Duration::from_millis(STALE_TTL_MS),
+        "re-homed in {:?}",
+        started.elapsed()
+    );
+    echo(&mut back, "y").await;
+    assert_eq!(
+        up.handshakes()
+            .last()
+            .and_then(|h| h.header("x-session-epoch")),
+        Some("2")
+    );
+    nodes[0].wait_exit(Duration::from_secs(5)).await;
+    assert!(up.max_open_for("dr") <= 1);
+}
+
+#[tokio::test]
+async fn session_keys_are_removed_and_a_dead_nodes_are_collected() {
+    let valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let mut nodes = start_cluster(2, &[up.url()], &valkey, "").await;
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        let mut ws = connect(&url(&nodes[0], &format!("k{i}"))).await;
+        echo(&mut ws, "x").await;
+        clients.push(ws);
+    }
+    let mut mine = connect(&url(&nodes[1], "k-n2")).await;
+    echo(&mut mine, "x").await;
+    assert_eq!(valkey.keys("wsb:session:*").await.len(), 6);
+    // A session that ends removes its key.
+    mine.close(None).await.expect("close");
+    let _ = expect_close(&mut mine, Duration::from_secs(5)).await;
+    eventually(
+        Duration::from_secs(5),
+        "ended session's key removed",
+        || async { valkey.keys("wsb:session:*").await.len() == 5 },
+    )
+    .await;
+    // A dead node's keys are collected by the survivor within 2 x stale_ttl.
+    let _ = nodes[0].child.kill();
+    let killed = Instant::now();
+    eventually(
+        Duration::from_secs(5),
+        "dead node's session keys collected",
+        || async { valkey.keys("wsb:session:*").await.is_empty() },
+    )
+    .await;
+    assert!(
+        killed.elapsed() < Duration::from_millis(2 * STALE_TTL_MS + 300),
+        "collected after {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(
+        valkey.keys("wsb:node:*").await,
+        vec!["wsb:node:n2".to_string()]
+    );
+    assert!(valkey.keys("wsb:node-sessions:*").await.is_empty());
+    let mut c = valkey.conn().await;
+    let members: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("wsb:nodes")
+        .query_async(&mut c)
+        .await
+        .expect("SMEMBERS");
+    assert_eq!(members, vec!["n2".to_string()]);
+    drop(clients);
+}
+
+#[tokio::test]
+async fn a_registry_outage_interrupts_no_live_session() {
+    let mut valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let nodes = start_cluster(2, &[up.url()], &valkey, "").await;
+    let reject = start_node(
+        "n3",
+        &[up.url()],
+        &valkey,
+        "[cluster]\non_registry_down = \"reject\"\n",
+    )
+    .await;
+    let mut ws = connect(&url(&nodes[0], "live")).await;
+    echo(&mut ws, "before").await;
+    let port = valkey.port;
+    valkey.kill();
+    for i in 0..10 {
+        echo(&mut ws, &format!("during {i}")).await;
+    }
+    let public = nodes[0].public;
+    eventually(
+        Duration::from_secs(2),
+        "/health turns degraded",
+        || async move {
+            let (status, h) = health(public).await;
+            status == 200 && h["status"] == "degraded" && h["registry"]["status"] == "disconnected"
+        },
+    )
+    .await;
+    // local (default): new sessions are served here.
+    let mut local = connect(&url(&nodes[1], "during-outage")).await;
+    echo(&mut local, "served locally").await;
+    // reject: 503.
+    assert_eq!(upgrade_status(&url(&reject, "rejected"), &[]).await, 503);
+    // The registry returns (empty): sessions are re-asserted.
+    let valkey = Valkey::start_on(port).await;
+    eventually(
+        Duration::from_secs(5),
+        "sessions re-asserted after the outage",
+        || async {
+            valkey
+                .get("wsb:session:live")
+                .await
+                .is_some_and(|v| v.starts_with("n1|1|"))
+                && valkey
+                    .get("wsb:session:during-outage")
+                    .await
+                    .is_some_and(|v| v.starts_with("n2|1|"))
+        },
+    )
+    .await;
+    echo(&mut ws, "after").await;
+    ws.send(Message::text("z")).await.expect("send");
+    assert_eq!(next_data(&mut ws).await, Message::text("z"));
+}

