@@ -401,3 +401,171 @@ async fn a_registry_outage_interrupts_no_live_session() {
     ws.send(Message::text("z")).await.expect("send");
     assert_eq!(next_data(&mut ws).await, Message::text("z"));
 }
+
+#[tokio::test]
+async fn admin_calls_reach_the_owner_from_any_node() {
+    let valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let nodes = start_cluster(3, &[up.url()], &valkey, "").await;
+    let mut ws = connect(&url(&nodes[0], "ad")).await;
+    echo(&mut ws, "x").await;
+    let mut other = connect(&url(&nodes[1], "ad2")).await;
+    echo(&mut other, "x").await;
+
+    let (status, s) = admin_json(nodes[2].admin, "/admin/sessions/ad").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (
+            s["owner"].as_str(),
+            s["clients"].as_u64(),
+            s["epoch"].as_u64()
+        ),
+        (Some("n1"), Some(1), Some(1))
+    );
+
+    let public = nodes[1].public;
+    eventually(Duration::from_secs(5), "members known", || async move {
+        health(public).await.1["cluster"]["registered_instances"] == 3
+    })
+    .await;
+    let (_, all) = admin_json(nodes[1].admin, "/admin/sessions").await;
+    let mut ids: Vec<&str> = all
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|s| s["id"].as_str())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, vec!["ad", "ad2"], "the cluster-wide list");
+    let (_, only) = admin_json(nodes[2].admin, "/admin/sessions?node=n1").await;
+    assert_eq!(only.as_array().map(|a| a.len()), Some(1));
+    assert_eq!(only[0]["id"], "ad");
+
+    let auth = [
+        ("Authorization", "Bearer t0ken"),
+        ("Content-Type", "text/plain"),
+    ];
+    let mut delays = Vec::new();
+    for i in 0..5 {
+        let started = Instant::now();
+        let body = format!("push {i}");
+        let (status, _, _) = http(
+            nodes[1].admin,
+            "POST",
+            "/admin/sessions/ad/send",
+            &auth,
+            body.as_bytes(),
+        )
+        .await
+        .expect("reply");
+        assert_eq!(status, 202);
+        assert_eq!(next_data(&mut ws).await, Message::text(body));
+        delays.push(started.elapsed());
+    }
+    delays.sort();
+    assert!(
+        delays[2] < Duration::from_millis(100),
+        "median delivery {:?}",
+        delays[2]
+    );
+
+    let (status, _, _) = http(
+        nodes[2].admin,
+        "POST",
+        "/admin/sessions/nope/send",
+        &auth,
+        b"x",
+    )
+    .await
+    .expect("reply");
+    assert_eq!(status, 404);
+    let (status, _, _) = http(nodes[0].public, "GET", "/_wsbroker/sessions/ad", &[], b"")
+        .await
+        .expect("reply");
+    assert_eq!(status, 403, "the internal endpoint needs a signed hop");
+
+    let (status, _, body) = http(nodes[2].admin, "DELETE", "/admin/sessions/ad", &auth, b"")
+        .await
+        .expect("reply");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let (code, reason) = expect_close(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!((code, reason.as_str()), (4002, "ended by operator"));
+    eventually(
+        Duration::from_secs(5),
+        "upstream closed with 1000",
+        || async { up.closes_for("ad").first().map(|c| c.0) == Some(1000) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn heartbeat_work_does_not_grow_with_owned_sessions() {
+    let valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let nodes = start_cluster(1, &[up.url()], &valkey, "").await;
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        let mut ws = connect(&url(&nodes[0], &format!("few{i}"))).await;
+        echo(&mut ws, "x").await;
+        clients.push(ws);
+    }
+    let mut c = valkey.conn().await;
+    // Commands the registry serves over a window, nothing else running.
+    async fn commands_over(c: &mut redis::aio::MultiplexedConnection, window: Duration) -> u64 {
+        let read = |info: String| -> u64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix("total_commands_processed:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let before = read(
+            redis::cmd("INFO")
+                .arg("stats")
+                .query_async(c)
+                .await
+                .expect("INFO"),
+        );
+        tokio::time::sleep(window).await;
+        let after = read(
+            redis::cmd("INFO")
+                .arg("stats")
+                .query_async(c)
+                .await
+                .expect("INFO"),
+        );
+        after - before - 1
+    }
+    let window = Duration::from_millis(HEARTBEAT_MS * 20);
+    let with_10 = commands_over(&mut c, window).await;
+    // Give n1 100,000 more sessions in the registry (as its claims would).
+    for chunk in 0..100 {
+        let mut pipe = redis::pipe();
+        for i in 0..1000 {
+            let sid = format!("many{}", chunk * 1000 + i);
+            pipe.cmd("SET")
+                .arg(format!("wsb:session:{sid}"))
+                .arg(format!("n1|1|{}", up.url()))
+                .ignore();
+            pipe.cmd("SADD")
+                .arg("wsb:node-sessions:n1")
+                .arg(&sid)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut c).await.expect("populate");
+    }
+    let with_100k = commands_over(&mut c, window).await;
+    eprintln!(
+        "registry commands per {window:?}: {with_10} with 10 sessions, {with_100k} with 100,010"
+    );
+    assert!(with_10 > 0);
+    let (lo, hi) = (with_10.min(with_100k) as f64, with_10.max(with_100k) as f64);
+    assert!(
+        hi / lo < 1.3,
+        "heartbeat work grew: {with_10} -> {with_100k}"
+    );
+    let (_, h) = health(nodes[0].public).await;
+    assert_eq!(
+        h["cluster"]["total_sessions"], 100_010,
+        "counted without reading the sessions"
+    );
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
@@ -16,14 +16,13 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::health;
+use super::sessions_api::{self, Op};
 use crate::broker::Broker;
 use crate::clock;
 use crate::proxy::handshake::{json, text, Body};
-use crate::proxy::session::{Cmd, EndReason};
 
 const STATUS_PAGE: &str = include_str!("status_page.html");
 
@@ -157,37 +156,33 @@ async fn handle(req: Request<Incoming>, broker: Arc<Broker>) -> Result<Response<
             let node = req
                 .uri()
                 .query()
-                .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("node=")));
-            let list: Vec<_> = match node {
-                Some(n) if n != broker.node_id => Vec::new(),
-                _ => broker
-                    .sessions
-                    .all()
-                    .iter()
-                    .map(|s| s.info(&broker.node_id))
-                    .collect(),
-            };
-            json(StatusCode::OK, &list)
+                .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("node=")))
+                .map(str::to_string);
+            sessions_for(&broker, node.as_deref()).await
         }
-        (&Method::GET, ["sessions", id]) => match broker.sessions.get(id) {
-            Some(s) => json(StatusCode::OK, &s.info(&broker.node_id)),
-            None => text(StatusCode::NOT_FOUND, "404 Not Found: unknown session"),
-        },
-        (&Method::DELETE, ["sessions", id]) => match broker.sessions.get(id) {
-            Some(s) => {
-                s.send(Cmd::End {
-                    reason: EndReason::OPERATOR,
-                    after: Duration::ZERO,
-                })
-                .await;
-                json(
-                    StatusCode::OK,
-                    &serde_json::json!({"id": id, "ended": true}),
-                )
+        (&Method::GET, ["sessions", id]) => {
+            sessions_api::anywhere(&broker, Op::Get(id.to_string())).await
+        }
+        (&Method::DELETE, ["sessions", id]) => {
+            sessions_api::anywhere(&broker, Op::End(id.to_string())).await
+        }
+        (&Method::POST, ["sessions", id, "send"]) => {
+            let id = id.to_string();
+            match sessions_api::read_message(req, &broker).await {
+                Ok((payload, is_text)) => {
+                    sessions_api::anywhere(
+                        &broker,
+                        Op::Send {
+                            id,
+                            payload,
+                            text: is_text,
+                        },
+                    )
+                    .await
+                }
+                Err(r) => r,
             }
-            None => text(StatusCode::NOT_FOUND, "404 Not Found: unknown session"),
-        },
-        (&Method::POST, ["sessions", id, "send"]) => send(req, &broker, id.to_string()).await,
+        }
         (&Method::POST, ["drain"]) => {
             broker.lifecycle.begin_drain();
             json(
@@ -242,44 +237,15 @@ async fn cluster(broker: &Arc<Broker>) -> Response<Body> {
     )
 }
 
-async fn send(req: Request<Incoming>, broker: &Arc<Broker>, id: String) -> Response<Body> {
-    let Some(session) = broker.sessions.get(&id) else {
-        return text(StatusCode::NOT_FOUND, "404 Not Found: unknown session");
-    };
-    let text_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/"));
-    let limit = broker.config.limits.max_message_size as usize;
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return text(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "413 Payload Too Large: over max_message_size",
-            )
-        }
-    };
-    let is_text = text_type && std::str::from_utf8(&body).is_ok();
-    let (done, answer) = oneshot::channel();
-    let sent = session
-        .send(Cmd::Send {
-            payload: body,
-            text: is_text,
-            done,
-        })
-        .await;
-    match (sent, answer.await) {
-        (true, Ok(true)) => json(
-            StatusCode::ACCEPTED,
-            &serde_json::json!({"id": id, "delivered": true}),
-        ),
-        (true, Ok(false)) => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "503 Service Unavailable: session busy or closing",
-        ),
-        _ => text(StatusCode::NOT_FOUND, "404 Not Found: session ended"),
+/// `GET /admin/sessions[?node=ID]`: the whole cluster's sessions, or one node's.
+async fn sessions_for(broker: &Arc<Broker>, node: Option<&str>) -> Response<Body> {
+    match node {
+        None => sessions_api::anywhere(broker, Op::List).await,
+        Some(n) if n == broker.node_id => sessions_api::local(broker, Op::List).await,
+        Some(n) => match broker.members().into_iter().find(|m| m.record.id == n) {
+            Some(m) => sessions_api::remote(broker, &m.record.advertise, Op::List).await,
+            None => json(StatusCode::OK, &Vec::<serde_json::Value>::new()),
+        },
     }
 }
 

@@ -7,6 +7,7 @@
 //! - `upstreams`: balancing, health probes, circuit breakers.
 //! - `health`: the `/health` report.
 //! - `admin`: the admin listener (metrics, sessions API, status page).
+//! - `sessions_api`: session operations from any node (the backplane).
 //! - `drain`: graceful shutdown.
 //! - `metrics`: every exported metric.
 
@@ -17,4 +18,5 @@ pub mod lifecycle;
 pub mod membership;
 pub mod metrics;
 pub mod registry;
+pub mod sessions_api;
 pub mod upstreams;

@@ -39,14 +39,15 @@ const NOT_COPIED: &[&str] = &[
 ];
 
 #[derive(Debug, thiserror::Error)]
-enum HopFailure {
+pub(crate) enum HopFailure {
     #[error("connect: {0}")]
     Io(#[from] std::io::Error),
     #[error("bad response from the owner")]
     BadResponse,
 }
 
-async fn connect(broker: &Broker, advertise: &str) -> Result<UpstreamIo, HopFailure> {
+/// Opens a connection to a peer node's public listener.
+pub(crate) async fn connect(broker: &Broker, advertise: &str) -> Result<UpstreamIo, HopFailure> {
     let tcp = TcpStream::connect(advertise).await?;
     let _ = tcp.set_nodelay(true);
     if broker.config.tls.is_none() {

@@ -21,8 +21,8 @@ use super::session_id;
 use super::upstream_dial::accept_key;
 use crate::broker::Broker;
 use crate::config::SessionKey;
-use crate::control::health;
 use crate::control::metrics::UpgradeResult;
+use crate::control::{health, sessions_api};
 
 pub type Body = Full<Bytes>;
 
@@ -72,6 +72,9 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let is_upgrade = header_has_token(req.headers(), header::CONNECTION, "upgrade")
         || req.headers().contains_key(header::UPGRADE);
+    if !is_upgrade && req.uri().path().starts_with(sessions_api::INTERNAL_PREFIX) {
+        return Ok(sessions_api::internal(req, &broker).await);
+    }
     if !is_upgrade {
         return Ok(plain(&req, &broker).await);
     }
