@@ -39,6 +39,10 @@ enum Command {
         /// Public listener of the demo node.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Serve only the demo application on `--listen` (an upstream for
+        /// nodes started separately).
+        #[arg(long)]
+        app_only: bool,
     },
 }
 
@@ -57,11 +61,14 @@ fn main() -> ExitCode {
             logging::init(&cfg.log);
             report(runtime().and_then(|rt| rt.block_on(run(cfg))))
         }
-        Command::Demo { listen } => {
+        Command::Demo { listen, app_only } => {
             logging::init(&config::LogConfig {
                 format: config::LogFormat::Text,
                 level: "warn".into(),
             });
+            if app_only {
+                return report(runtime().and_then(|rt| rt.block_on(run_app(listen))));
+            }
             report(runtime().and_then(|rt| rt.block_on(run_demo(listen))))
         }
     }
@@ -127,5 +134,18 @@ async fn run_demo(listen: SocketAddr) -> anyhow::Result<()> {
     println!("{}", demo::banner(&node));
     node.run_until(stop_signal()).await;
     stop.cancel();
+    Ok(())
+}
+
+async fn run_app(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    println!("demo application on ws://{listen} (echo; /chat relays between clients)");
+    let stop = CancellationToken::new();
+    let app = tokio::spawn(demo::serve_app(listener, stop.clone()));
+    stop_signal().await;
+    stop.cancel();
+    let _ = app.await;
     Ok(())
 }

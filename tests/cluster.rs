@@ -360,8 +360,18 @@ async fn a_registry_outage_interrupts_no_live_session() {
     .await;
     let mut ws = connect(&url(&nodes[0], "live")).await;
     echo(&mut ws, "before").await;
+    // A detached (resumable) session: its client dropped without a Close.
+    let mut gone = connect(&url(&nodes[0], "det")).await;
+    echo(&mut gone, "x").await;
+    drop(gone);
+    let n1 = nodes[0].admin;
+    eventually(Duration::from_secs(5), "session detached", || async move {
+        admin_json(n1, "/admin/sessions/det").await.1["state"] == "detached"
+    })
+    .await;
     let port = valkey.port;
     valkey.kill();
+    let lost_at = Instant::now();
     for i in 0..10 {
         echo(&mut ws, &format!("during {i}")).await;
     }
@@ -375,6 +385,14 @@ async fn a_registry_outage_interrupts_no_live_session() {
         },
     )
     .await;
+    // Unable to renew for stale_ttl, the node ends its detached sessions
+    // (another node may take them over); attached ones keep flowing.
+    eventually(Duration::from_secs(5), "the detached session ended", || async {
+        up.closes_for("det").first().map(|c| (c.0, c.1.clone())) == Some((1001, "registry unreachable".to_string()))
+    })
+    .await;
+    assert!(lost_at.elapsed() >= Duration::from_millis(STALE_TTL_MS - HEARTBEAT_MS), "not before stale_ttl");
+    echo(&mut ws, "still flowing").await;
     // local (default): new sessions are served here.
     let mut local = connect(&url(&nodes[1], "during-outage")).await;
     echo(&mut local, "served locally").await;
