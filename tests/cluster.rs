@@ -387,11 +387,19 @@ async fn a_registry_outage_interrupts_no_live_session() {
     .await;
     // Unable to renew for stale_ttl, the node ends its detached sessions
     // (another node may take them over); attached ones keep flowing.
-    eventually(Duration::from_secs(5), "the detached session ended", || async {
-        up.closes_for("det").first().map(|c| (c.0, c.1.clone())) == Some((1001, "registry unreachable".to_string()))
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the detached session ended",
+        || async {
+            up.closes_for("det").first().map(|c| (c.0, c.1.clone()))
+                == Some((1001, "registry unreachable".to_string()))
+        },
+    )
     .await;
-    assert!(lost_at.elapsed() >= Duration::from_millis(STALE_TTL_MS - HEARTBEAT_MS), "not before stale_ttl");
+    assert!(
+        lost_at.elapsed() >= Duration::from_millis(STALE_TTL_MS - HEARTBEAT_MS),
+        "not before stale_ttl"
+    );
     echo(&mut ws, "still flowing").await;
     // local (default): new sessions are served here.
     let mut local = connect(&url(&nodes[1], "during-outage")).await;
@@ -586,4 +594,42 @@ async fn heartbeat_work_does_not_grow_with_owned_sessions() {
         h["cluster"]["total_sessions"], 100_010,
         "counted without reading the sessions"
     );
+}
+
+#[tokio::test]
+async fn clients_spread_round_robin_always_reach_the_one_owner() {
+    let valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let nodes = start_cluster(3, &[up.url()], &valkey, "").await;
+    // Like a load balancer without affinity: every (re)connect of every
+    // session goes to the next node in turn.
+    let mut turn = 0;
+    for round in 0..3 {
+        for s in 0..6 {
+            let sid = format!("rr{s}");
+            let mut ws = connect(&url(&nodes[turn % 3], &sid)).await;
+            turn += 1;
+            echo(&mut ws, &format!("round {round}")).await;
+            ws.close(None).await.expect("close");
+            let _ = expect_close(&mut ws, Duration::from_secs(5)).await;
+        }
+    }
+    for s in 0..6 {
+        let sid = format!("rr{s}");
+        assert!(
+            up.max_open_for(&sid) <= 1,
+            "{sid} had two upstream connections at once"
+        );
+        assert_eq!(
+            up.messages_for(&sid).len(),
+            3,
+            "{sid}: every round reached the upstream"
+        );
+    }
+    eventually(
+        Duration::from_secs(5),
+        "no session key left once all ended",
+        || async { valkey.keys("wsb:session:*").await.is_empty() },
+    )
+    .await;
 }
