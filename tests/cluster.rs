@@ -633,3 +633,37 @@ async fn clients_spread_round_robin_always_reach_the_one_owner() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_second_process_with_a_live_id_waits_for_it_to_expire() {
+    let valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let mut first = start_node("twin", &[up.url()], &valkey, "").await;
+    let registered = valkey.get("wsb:node:twin").await.expect("first registered");
+    let second = BrokerProcess::start(&[up.url()], &cluster_extra("twin", &valkey, "")).await;
+    // Well past stale_ttl the second is still waiting: the id is live.
+    for _ in 0..10 {
+        assert_eq!(
+            health(second.public).await.0,
+            503,
+            "second process must not serve under a live id"
+        );
+        assert_eq!(
+            valkey.get("wsb:node:twin").await.as_deref(),
+            Some(registered.as_str())
+        );
+        tokio::time::sleep(Duration::from_millis(STALE_TTL_MS / 5)).await;
+    }
+    let _ = first.child.kill();
+    let public = second.public;
+    eventually(
+        Duration::from_secs(5),
+        "the second registers once the first's registration expired",
+        || async move { health(public).await.0 == 200 },
+    )
+    .await;
+    assert_ne!(
+        valkey.get("wsb:node:twin").await.as_deref(),
+        Some(registered.as_str())
+    );
+}
