@@ -54,7 +54,17 @@ impl Broker {
             config,
             started_at: SystemTime::now(),
             started: tokio::time::Instant::now(),
-            metrics: Metrics::new(),
+            metrics: {
+                let mut m = Metrics::new();
+                if let Registry::Valkey(v) = &registry {
+                    m.add_counter(
+                        "wsbroker_registry_failovers",
+                        "Registry primary changes followed (Sentinel failovers)",
+                        v.registry.failovers.clone(),
+                    );
+                }
+                m
+            },
             upstreams: Arc::new(upstreams),
             sessions: SessionTable::default(),
             registry,

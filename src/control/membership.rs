@@ -22,6 +22,14 @@ pub async fn run(broker: Arc<Broker>, stop: CancellationToken) {
     };
     let reg = &state.registry;
     let hb = broker.config.cluster.heartbeat_interval;
+    // Follow Sentinel's +switch-master notices (a no-op without Sentinels).
+    let watcher = broker.clone();
+    let watch_stop = stop.clone();
+    broker.tasks.spawn(async move {
+        if let Some(v) = watcher.registry.valkey() {
+            v.registry.watch_failovers(watch_stop).await;
+        }
+    });
     let mut warned = false;
     loop {
         match reg.register().await {
@@ -50,6 +58,8 @@ pub async fn run(broker: Arc<Broker>, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
+            // A Sentinel announced a new primary: beat now, on it.
+            _ = reg.switched.notified() => {}
             _ = stop.cancelled() => return,
         }
         let left = state.left.lock().await;

@@ -175,6 +175,11 @@ impl Metrics {
         }
     }
 
+    /// Registers a counter owned by another part of the node.
+    pub fn add_counter(&mut self, name: &str, help: &str, counter: Counter) {
+        self.registry.register(name, help, counter);
+    }
+
     pub fn upgrade(&self, result: UpgradeResult) {
         self.upgrade_counters[result as usize].inc();
     }

@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub mod sentinel;
 pub mod valkey;
 
 use futures_util::{SinkExt, StreamExt};

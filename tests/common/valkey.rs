@@ -47,10 +47,15 @@ impl Valkey {
     }
 
     pub async fn start_on(port: u16) -> Valkey {
+        Valkey::start_with(port, &server_binary(), &[]).await
+    }
+
+    /// Starts `bin` on `port` with extra arguments (e.g. `--replicaof`).
+    pub async fn start_with(port: u16, bin: &PathBuf, extra: &[&str]) -> Valkey {
         let dir =
             std::env::temp_dir().join(format!("wsbroker-valkey-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("valkey dir");
-        let child = Command::new(server_binary())
+        let child = Command::new(bin)
             .args([
                 "--port",
                 &port.to_string(),
@@ -63,6 +68,7 @@ impl Valkey {
             ])
             .arg("--dir")
             .arg(&dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

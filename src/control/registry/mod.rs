@@ -6,6 +6,7 @@
 pub mod keys;
 mod memory;
 mod scripts;
+pub mod sentinel;
 pub mod valkey;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,7 +53,8 @@ pub enum RegistryError {
 #[derive(Debug, Clone, Serialize)]
 pub struct RegistryStatus {
     pub kind: &'static str,
-    /// `connected` or `disconnected`.
+    /// `connected`, `degraded` (primary up, no Sentinel reachable) or
+    /// `disconnected`.
     pub status: &'static str,
     pub primary: Option<String>,
 }
@@ -169,10 +171,15 @@ impl Registry {
             },
             Registry::Valkey(v) => RegistryStatus {
                 kind: "valkey",
-                status: if v.registry.ping().await.is_ok() {
-                    "connected"
-                } else {
-                    "disconnected"
+                // `degraded`: the primary answers but no Sentinel does, so a
+                // failover could not be followed.
+                status: match (
+                    v.registry.ping().await.is_ok(),
+                    v.registry.sentinels_ok().await,
+                ) {
+                    (true, true) => "connected",
+                    (true, false) => "degraded",
+                    (false, _) => "disconnected",
                 },
                 primary: Some(v.registry.primary()),
             },

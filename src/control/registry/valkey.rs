@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::keys::Keys;
 use super::scripts;
+use super::sentinel::{self, Auth};
 use super::{Claim, RegistryError};
 use crate::clock;
 use crate::config::Config;
@@ -47,15 +48,33 @@ pub struct Member {
     pub sessions: usize,
 }
 
+/// Where the primary is found.
+enum Target {
+    /// A fixed server (`valkey.url`).
+    Direct(redis::Client),
+    /// Whatever primary the Sentinels name (`valkey.sentinels`).
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+        auth: Auth,
+    },
+}
+
 pub struct ValkeyRegistry {
     pub keys: Keys,
+    target: Target,
+    /// The primary in use (`host:port`), for `/health`.
+    primary: std::sync::Mutex<String>,
+    /// Primary changes followed (`wsbroker_registry_failovers_total`).
+    pub failovers: prometheus_client::metrics::counter::Counter,
+    /// Signalled when a Sentinel announces a new primary.
+    pub switched: tokio::sync::Notify,
     pub me: NodeRecord,
     record_json: String,
     stale_ttl: Duration,
     heartbeat: Duration,
     resume_grace: Duration,
     op_timeout: Duration,
-    client: redis::Client,
     conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     /// Bumped on every new connection: the membership loop re-asserts
     /// everything when it changes.
@@ -76,7 +95,32 @@ fn unavailable(e: impl std::fmt::Display) -> RegistryError {
 
 impl ValkeyRegistry {
     pub fn new(config: &Config) -> Result<ValkeyRegistry, RegistryError> {
-        let client = redis::Client::open(config.valkey.url.as_str()).map_err(unavailable)?;
+        let url_client = redis::Client::open(config.valkey.url.as_str()).map_err(unavailable)?;
+        let url_info = url_client.get_connection_info().clone();
+        let auth = Auth {
+            username: config.valkey.username.clone(),
+            password: config.valkey.password.clone(),
+            db: url_info.redis_settings().db(),
+        };
+        let (target, primary) = if config.valkey.sentinels.is_empty() {
+            let client = if auth.username.is_empty() && auth.password.is_empty() {
+                url_client
+            } else {
+                let addr = url_info.addr().to_string();
+                let (host, port) =
+                    sentinel::split_addr(&addr).ok_or_else(|| unavailable("bad valkey.url"))?;
+                auth.client(&host, port, false)?
+            };
+            let primary = client.get_connection_info().addr().to_string();
+            (Target::Direct(client), primary)
+        } else {
+            let target = Target::Sentinel {
+                sentinels: config.valkey.sentinels.clone(),
+                master: config.valkey.master_name.clone(),
+                auth,
+            };
+            (target, String::new())
+        };
         let mut instance = [0u8; 8];
         fastrand::fill(&mut instance);
         let me = NodeRecord {
@@ -100,7 +144,10 @@ impl ValkeyRegistry {
             resume_grace: config.session.resume_grace,
             // A wedged connection must show within one heartbeat.
             op_timeout: hb.clamp(Duration::from_millis(50), Duration::from_secs(2)),
-            client,
+            target,
+            primary: std::sync::Mutex::new(primary),
+            failovers: Default::default(),
+            switched: tokio::sync::Notify::new(),
             conn: tokio::sync::Mutex::new(None),
             generation: AtomicU64::new(0),
             claim: Script::new(scripts::CLAIM),
@@ -131,14 +178,31 @@ impl ValkeyRegistry {
         let cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.op_timeout))
             .set_response_timeout(Some(self.op_timeout));
-        let c = tokio::time::timeout(
-            self.op_timeout * 2,
-            self.client
-                .get_multiplexed_async_connection_with_config(&cfg),
-        )
-        .await
-        .map_err(|_| unavailable("connect timed out"))?
-        .map_err(unavailable)?;
+        let c = match &self.target {
+            Target::Direct(client) => tokio::time::timeout(
+                self.op_timeout * 2,
+                client.get_multiplexed_async_connection_with_config(&cfg),
+            )
+            .await
+            .map_err(|_| unavailable("connect timed out"))?
+            .map_err(unavailable)?,
+            Target::Sentinel {
+                sentinels,
+                master,
+                auth,
+            } => {
+                let (c, addr) =
+                    sentinel::connect_primary(sentinels, master, auth, self.op_timeout, &cfg)
+                        .await?;
+                let mut primary = self.primary.lock().unwrap_or_else(|p| p.into_inner());
+                if !primary.is_empty() && *primary != addr {
+                    self.failovers.inc();
+                    tracing::warn!(from = %primary, to = %addr, "registry primary changed");
+                }
+                *primary = addr;
+                c
+            }
+        };
         *current = Some(c.clone());
         self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(c)
@@ -155,11 +219,21 @@ impl ValkeyRegistry {
         match tokio::time::timeout(self.op_timeout, op(c)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
-                if e.is_io_error()
+                // A demoted primary answers READONLY: never keep writing to
+                // it; the next call asks the Sentinels again.
+                let readonly = matches!(
+                    e.kind(),
+                    redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+                );
+                if readonly
+                    || e.is_io_error()
                     || e.is_connection_dropped()
                     || e.is_timeout()
                     || e.is_unrecoverable_error()
                 {
+                    if readonly {
+                        tracing::warn!(primary = %self.primary(), "registry server is read-only; finding the primary again");
+                    }
                     *self.conn.lock().await = None;
                 }
                 Err(unavailable(e))
@@ -576,10 +650,77 @@ impl ValkeyRegistry {
         Ok(v.and_then(|v| serde_json::from_str(&v).ok()))
     }
 
-    /// The address of the server in use.
+    /// The address of the primary in use.
     pub fn primary(&self) -> String {
-        let info = self.client.get_connection_info();
-        info.addr().to_string()
+        self.primary
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// At least one Sentinel answers (always true without Sentinels).
+    pub async fn sentinels_ok(&self) -> bool {
+        let Target::Sentinel {
+            sentinels, auth, ..
+        } = &self.target
+        else {
+            return true;
+        };
+        let pings = sentinels.iter().map(|s| async move {
+            let (host, port) = sentinel::split_addr(s)?;
+            let client = auth.client(&host, port, true).ok()?;
+            let ping = async {
+                let mut c = client.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("PING").query_async::<String>(&mut c).await.ok()
+            };
+            tokio::time::timeout(self.op_timeout, ping)
+                .await
+                .ok()
+                .flatten()
+        });
+        futures_util::future::join_all(pings)
+            .await
+            .iter()
+            .any(Option::is_some)
+    }
+
+    /// Drops the current connection: the next call finds the primary anew.
+    pub async fn reconnect(&self) {
+        *self.conn.lock().await = None;
+    }
+
+    /// Follows Sentinel `+switch-master` notices until `stop` (no-op
+    /// without Sentinels).
+    pub async fn watch_failovers(&self, stop: tokio_util::sync::CancellationToken) {
+        let Target::Sentinel {
+            sentinels,
+            master,
+            auth,
+        } = &self.target
+        else {
+            return;
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        let on_switch = move || {
+            let _ = tx.try_send(());
+        };
+        let watch = sentinel::watch_switches(
+            sentinels.clone(),
+            master.clone(),
+            auth.clone(),
+            on_switch,
+            stop.clone(),
+        );
+        tokio::pin!(watch);
+        loop {
+            tokio::select! {
+                _ = &mut watch => return,
+                Some(()) = rx.recv() => {
+                    self.reconnect().await;
+                    self.switched.notify_one();
+                }
+            }
+        }
     }
 }
 
