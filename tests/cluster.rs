@@ -667,3 +667,47 @@ async fn a_second_process_with_a_live_id_waits_for_it_to_expire() {
         Some(registered.as_str())
     );
 }
+
+#[tokio::test]
+async fn copies_served_locally_during_an_outage_are_settled_when_it_returns() {
+    let mut valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let nodes = start_cluster(2, &[up.url()], &valkey, "").await;
+    let port = valkey.port;
+    valkey.kill();
+    // on_registry_down = "local": both nodes serve the same id, unaware.
+    let mut a = connect(&url(&nodes[0], "split")).await;
+    echo(&mut a, "on n1").await;
+    let mut b = connect(&url(&nodes[1], "split")).await;
+    echo(&mut b, "on n2").await;
+    assert_eq!(
+        up.open_for("split"),
+        2,
+        "two copies while the registry is away"
+    );
+    let _valkey = Valkey::start_on(port).await;
+    // Re-assertion settles it: the first to record the session keeps it,
+    // the other copy closes with 4003 on both sides.
+    let (first, second) = tokio::join!(
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            futures_util::StreamExt::next(&mut a)
+        ),
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            futures_util::StreamExt::next(&mut b)
+        ),
+    );
+    let closed = |r: &Result<Option<Result<Message, _>>, _>| matches!(r, Ok(Some(Ok(Message::Close(Some(f))))) if u16::from(f.code) == 4003);
+    assert!(
+        closed(&first) != closed(&second),
+        "exactly one copy closes with 4003: {first:?} / {second:?}"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "one upstream connection left",
+        || async { up.open_for("split") == 1 },
+    )
+    .await;
+    assert!(up.closes_for("split").iter().any(|c| c.0 == 4003));
+}
