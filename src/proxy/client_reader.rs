@@ -8,18 +8,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::buffer::ReadBuffer;
 use super::frame::{self, Event, FrameScanner};
 use super::io::{ClientIo, UpstreamIo};
 use super::session::{Cmd, Session};
 use crate::broker::Broker;
 
-/// Bytes read from a client per call.
-const READ_CHUNK: usize = 16 * 1024;
 /// How long a kicked client may take to finish the message it is sending.
 const KICK_GRACE: Duration = Duration::from_secs(2);
 
@@ -46,7 +44,7 @@ impl Reader {
     pub async fn run(self, mut rd: ReadHalf<ClientIo>) {
         let max = self.broker.config.limits.max_message_size;
         let mut scanner = FrameScanner::new(true, max);
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut rb = ReadBuffer::default();
         let mut events = Vec::new();
         let mut guard: Option<tokio::sync::OwnedMutexGuard<UpstreamWriter>> = None;
         let mut kick_deadline: Option<Instant> = None;
@@ -60,9 +58,7 @@ impl Reader {
             if kicked_now && kick_deadline.is_none() {
                 kick_deadline = Some(Instant::now() + KICK_GRACE);
             }
-            if buf.capacity() - buf.len() < 1024 {
-                buf.reserve(READ_CHUNK);
-            }
+            rb.prepare();
             let far = Instant::now() + Duration::from_secs(3600);
             let read = tokio::select! {
                 biased;
@@ -78,10 +74,10 @@ impl Reader {
                     self.report(Cmd::ClientGone { client: self.client, torn: true, mid_frame: !scanner.at_frame_boundary() }).await;
                     return;
                 }
-                r = rd.read_buf(&mut buf) => r,
+                r = rd.read_buf(&mut rb.buf) => r,
             };
             match read {
-                Ok(n) if n > 0 => {}
+                Ok(n) if n > 0 => rb.filled(n),
                 _ => {
                     let torn = !scanner.at_message_boundary();
                     let mid_frame = !scanner.at_frame_boundary();
@@ -95,6 +91,7 @@ impl Reader {
                     return;
                 }
             }
+            let buf = &mut rb.buf;
             events.clear();
             let (valid, fault) = match scanner.scan(&buf, &mut events) {
                 Ok(n) => (n, None),

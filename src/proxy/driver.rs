@@ -12,12 +12,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
+use bytes::BytesMut;
+
+use super::buffer::ReadBuffer;
 use super::client_reader::{self, SharedUpstream, UpstreamWriter};
 use super::frame::{self, Event, FrameError, FrameScanner};
 use super::io::{ClientIo, UpstreamIo};
@@ -26,9 +28,6 @@ use crate::broker::Broker;
 use crate::clock;
 use crate::control::upstreams::UpstreamLease;
 
-/// Bytes read from the upstream per call (the buffer grows only for
-/// partial headers, which are at most 14 bytes).
-pub const READ_CHUNK: usize = 16 * 1024;
 /// How long a finishing close handshake may take.
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
 /// Bound on one injected close frame's write.
@@ -105,7 +104,7 @@ pub struct Driver {
     clients: Vec<Client>,
     next_client: u64,
     scanner: FrameScanner,
-    buf: BytesMut,
+    buf: ReadBuffer,
     events: Vec<Event>,
     detached: Option<Detached>,
     pending_sends: VecDeque<Vec<u8>>,
@@ -128,8 +127,7 @@ impl Driver {
     ) -> Driver {
         let (up_read, up_write) = tokio::io::split(upstream);
         let max = broker.config.limits.max_message_size;
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        buf.put_slice(&leftover);
+        let buf = ReadBuffer::with_bytes(&leftover);
         let first_attach_window =
             broker.config.limits.handshake_timeout + broker.config.session.resume_grace;
         Driver {
@@ -164,7 +162,7 @@ impl Driver {
     /// Runs the session to its end, then cleans up after it.
     pub async fn run(mut self) {
         self.broker.metrics.sessions_active.inc();
-        let stop = if self.buf.is_empty() {
+        let stop = if self.buf.buf.is_empty() {
             self.run_loop().await
         } else {
             match self.on_upstream_bytes().await {
@@ -190,9 +188,7 @@ impl Driver {
         let idle = self.broker.config.session.idle_timeout;
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         loop {
-            if self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(READ_CHUNK);
-            }
+            self.buf.prepare();
             let last = self.session.last_active_ms.load(Ordering::Relaxed);
             let idle_at = clock::instant_at(last) + idle;
             let grace_at = self.detached.as_ref().map(|d| d.deadline);
@@ -208,11 +204,12 @@ impl Driver {
                     // The session itself holds a sender: this cannot happen.
                     None => return Stop::Done,
                 },
-                r = self.up_read.read_buf(&mut self.buf) => match r {
+                r = self.up_read.read_buf(&mut self.buf.buf) => match r {
                     Ok(0) | Err(_) => {
                         return if self.upstream_closed { Stop::Done } else { Stop::UpstreamLost };
                     }
-                    Ok(_) => {
+                    Ok(n) => {
+                        self.buf.filled(n);
                         if let Some(stop) = self.on_upstream_bytes().await {
                             return stop;
                         }
@@ -251,7 +248,7 @@ impl Driver {
 
     async fn on_upstream_bytes(&mut self) -> Option<Stop> {
         self.events.clear();
-        let (valid, fault) = match self.scanner.scan(&self.buf, &mut self.events) {
+        let (valid, fault) = match self.scanner.scan(&self.buf.buf, &mut self.events) {
             Ok(n) => (n, None),
             Err(e) => (e.valid_upto(), Some(e)),
         };
@@ -265,7 +262,7 @@ impl Driver {
                 .filter(|e| matches!(e, Event::MessageEnd { .. }))
                 .count();
             m.messages.downstream.inc_by(ended as u64);
-            let chunk = self.buf.split_to(valid);
+            let chunk = self.buf.buf.split_to(valid);
             let events = std::mem::take(&mut self.events);
             let stop = self.deliver(&chunk, &events).await;
             self.events = events;

@@ -11,6 +11,7 @@
 //! - `session`, `driver`, `client_reader`: a live session and its relay.
 //! - `frame`: frame-boundary tracking over raw bytes.
 
+pub mod buffer;
 pub mod client_reader;
 pub mod driver;
 pub mod forward;
