@@ -74,6 +74,15 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
     let upstreams = Upstreams::new(&config.upstream, upstream_tls);
     let broker = Broker::new(config, upstreams, registry);
     let listeners = CancellationToken::new();
+    // Ready before the first connection is accepted (memory registry); a
+    // clustered node is ready once registered (the membership loop says so).
+    if broker.registry.valkey().is_some() {
+        broker
+            .tasks
+            .spawn(membership::run(broker.clone(), listeners.clone()));
+    } else {
+        broker.lifecycle.set_running();
+    }
 
     broker.tasks.spawn(listener::serve(
         public,
@@ -92,14 +101,6 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
             .clone()
             .run_health_probes(listeners.clone()),
     );
-    if broker.registry.valkey().is_some() {
-        // Ready once registered (the membership loop says so).
-        broker
-            .tasks
-            .spawn(membership::run(broker.clone(), listeners.clone()));
-    } else {
-        broker.lifecycle.set_running();
-    }
     tracing::info!(node = %broker.node_id, listen = %public_addr, admin = ?admin_addr, "wsbroker running");
     Ok(Node {
         broker,

@@ -35,7 +35,7 @@ pub async fn drain(broker: &Arc<Broker>) {
                 Duration::ZERO
             };
             if s.try_send(Cmd::End {
-                reason: EndReason::DRAIN,
+                reason: &EndReason::DRAIN,
                 after,
             }) {
                 told.insert(s.id.clone());

@@ -118,7 +118,7 @@ async fn reassert(broker: &Arc<Broker>, state: &ValkeyState) {
                 if let Some(s) = broker.sessions.get(&sid) {
                     tracing::warn!(session = %sid, epoch = s.epoch, node = %broker.node_id, "session moved to another node; closing this copy");
                     s.try_send(Cmd::End {
-                        reason: EndReason::MOVED,
+                        reason: &EndReason::MOVED,
                         after: std::time::Duration::ZERO,
                     });
                 }
@@ -159,12 +159,7 @@ fn end_detached(broker: &Arc<Broker>) {
     for s in broker.sessions.all() {
         if s.clients() == 0 {
             s.try_send(Cmd::End {
-                reason: EndReason {
-                    client_code: 1001,
-                    client_reason: "registry unreachable",
-                    upstream_code: 1001,
-                    upstream_reason: "registry unreachable",
-                },
+                reason: &EndReason::REGISTRY_LOST,
                 after: std::time::Duration::ZERO,
             });
         }

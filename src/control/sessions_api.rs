@@ -17,7 +17,7 @@ use crate::broker::Broker;
 use crate::proxy::forward;
 use crate::proxy::handshake::{json, text, Body};
 use crate::proxy::hop::HOP_HEADER;
-use crate::proxy::session::{Cmd, EndReason, SessionInfo};
+use crate::proxy::session::{Cmd, EndReason, Outgoing, SessionInfo};
 
 /// Path prefix of the node-to-node endpoint on the public listener.
 pub const INTERNAL_PREFIX: &str = "/_wsbroker/sessions";
@@ -77,7 +77,7 @@ pub async fn local(broker: &Arc<Broker>, op: Op) -> Response<Body> {
         Op::End(id) => match broker.sessions.get(&id) {
             Some(s) => {
                 s.send(Cmd::End {
-                    reason: EndReason::OPERATOR,
+                    reason: &EndReason::OPERATOR,
                     after: Duration::ZERO,
                 })
                 .await;
@@ -98,11 +98,11 @@ pub async fn local(broker: &Arc<Broker>, op: Op) -> Response<Body> {
             };
             let (done, answer) = oneshot::channel();
             let sent = s
-                .send(Cmd::Send {
+                .send(Cmd::Send(Box::new(Outgoing {
                     payload,
                     text: is_text,
                     done,
-                })
+                })))
                 .await;
             match (sent, answer.await) {
                 (true, Ok(true)) => json(

@@ -93,7 +93,7 @@ impl Reader {
             }
             let buf = &mut rb.buf;
             events.clear();
-            let (valid, fault) = match scanner.scan(&buf, &mut events) {
+            let (valid, fault) = match scanner.scan(buf, &mut events) {
                 Ok(n) => (n, None),
                 Err(e) => (e.valid_upto(), Some(e)),
             };

@@ -425,7 +425,10 @@ impl Driver {
 
     async fn on_cmd(&mut self, cmd: Cmd) -> Option<Stop> {
         match cmd {
-            Cmd::Attach { io, kicked, conn } => self.attach(io, kicked, conn).await,
+            Cmd::Attach(a) => {
+                let a = *a;
+                self.attach(a.io, a.kicked, a.conn).await
+            }
             Cmd::ClientGone {
                 client,
                 torn,
@@ -459,11 +462,12 @@ impl Driver {
                 code,
                 reason,
             }),
-            Cmd::Send {
-                payload,
-                text,
-                done,
-            } => {
+            Cmd::Send(m) => {
+                let super::session::Outgoing {
+                    payload,
+                    text,
+                    done,
+                } = *m;
                 let opcode = if text {
                     frame::OP_TEXT
                 } else {
@@ -482,9 +486,9 @@ impl Driver {
             }
             Cmd::End { reason, after } => {
                 if after.is_zero() || self.detached.is_some() {
-                    return Some(Stop::End(reason));
+                    return Some(Stop::End(*reason));
                 }
-                self.end_at = Some((Instant::now() + after, reason));
+                self.end_at = Some((Instant::now() + after, *reason));
                 None
             }
         }

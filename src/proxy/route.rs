@@ -136,7 +136,7 @@ async fn still_owned(broker: &Arc<Broker>, session: &Arc<Session>) -> bool {
             session.mark_ended();
             session
                 .send(Cmd::End {
-                    reason: EndReason::MOVED,
+                    reason: &EndReason::MOVED,
                     after: Duration::ZERO,
                 })
                 .await;

@@ -26,7 +26,7 @@ pub const CMD_QUEUE: usize = 32;
 pub type ConnGuard = Arc<dyn Send + Sync>;
 
 /// How a session ends, for each side.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct EndReason {
     pub client_code: u16,
     pub client_reason: &'static str,
@@ -53,6 +53,12 @@ impl EndReason {
         upstream_code: 4003,
         upstream_reason: "session moved",
     };
+    pub const REGISTRY_LOST: EndReason = EndReason {
+        client_code: 1001,
+        client_reason: "registry unreachable",
+        upstream_code: 1001,
+        upstream_reason: "registry unreachable",
+    };
     pub const IDLE: EndReason = EndReason {
         client_code: 1001,
         client_reason: "idle timeout",
@@ -64,12 +70,7 @@ impl EndReason {
 /// Messages into a session's driver.
 pub enum Cmd {
     /// A client finished its upgrade and joins the session.
-    Attach {
-        io: ClientIo,
-        /// Fires when a later client takes the session over.
-        kicked: CancellationToken,
-        conn: ConnGuard,
-    },
+    Attach(Box<Attach>),
     /// A client's connection ended without a Close frame. `torn`: it
     /// stopped inside a message it was sending; `mid_frame`: inside a frame.
     ClientGone {
@@ -86,13 +87,30 @@ pub enum Cmd {
         reason: &'static str,
     },
     /// Deliver one message to the session's clients.
-    Send {
-        payload: Bytes,
-        text: bool,
-        done: oneshot::Sender<bool>,
-    },
+    Send(Box<Outgoing>),
     /// End the session after `after`.
-    End { reason: EndReason, after: Duration },
+    End {
+        reason: &'static EndReason,
+        after: Duration,
+    },
+}
+
+// Commands are queued in per-session channels whose blocks hold 32 slots
+// each: large payloads are boxed so an idle session's channel stays small.
+
+/// A client joining a session.
+pub struct Attach {
+    pub io: ClientIo,
+    /// Fires when a later client takes the session over.
+    pub kicked: CancellationToken,
+    pub conn: ConnGuard,
+}
+
+/// One message for a session's clients (admin API).
+pub struct Outgoing {
+    pub payload: Bytes,
+    pub text: bool,
+    pub done: oneshot::Sender<bool>,
 }
 
 /// Attach bookkeeping, guarded by a short std mutex.
@@ -277,7 +295,9 @@ impl Reservation {
             }
             generation.child_token()
         };
-        let ok = session.send(Cmd::Attach { io, kicked, conn }).await;
+        let ok = session
+            .send(Cmd::Attach(Box::new(Attach { io, kicked, conn })))
+            .await;
         if !ok {
             let mut st = session.attach_state();
             st.pending = st.pending.saturating_sub(1);
