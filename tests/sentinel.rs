@@ -327,9 +327,6 @@ async fn three_failovers_back_to_back(bin: PathBuf) {
     }
     for round in 0..3 {
         let (old, new, _) = fail_over(&mut setup).await;
-        if std::env::var("WSBROKER_TEST_DEBUG").is_ok() {
-            eprintln!("round {round}: killed {old}, sentinels name {new}");
-        }
         setup.await_primary_settled(&new).await;
         // The old primary comes back, and the Sentinels make it a replica
         // of the new one.
@@ -369,18 +366,6 @@ async fn three_failovers_back_to_back(bin: PathBuf) {
                         .query_async(&mut c)
                         .await
                         .unwrap_or_default();
-                    if std::env::var("WSBROKER_TEST_DEBUG").is_ok() {
-                        eprintln!(
-                            "{a}: {}",
-                            info.lines()
-                                .filter(|l| l.starts_with("role")
-                                    || l.starts_with("master_host")
-                                    || l.starts_with("master_port")
-                                    || l.starts_with("master_link_status"))
-                                .collect::<Vec<_>>()
-                                .join(" ")
-                        );
-                    }
                     info.contains("role:slave") && info.contains("master_link_status:up")
                 }
             },
