@@ -6,9 +6,11 @@
 //! Run: `cargo bench --bench cluster` (needs a Valkey server: set
 //! WSBROKER_VALKEY_BIN or run `scripts/find-valkey`; `-- --quick` for a smoke).
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -16,15 +18,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
+use common::{free_port, Proc};
+
 const HEARTBEAT: &str = "200ms";
 const STALE_TTL: &str = "1s";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
 
 fn valkey_binary() -> PathBuf {
     if let Ok(bin) = std::env::var("WSBROKER_VALKEY_BIN") {
@@ -38,15 +35,6 @@ fn valkey_binary() -> PathBuf {
         "no Valkey server: run scripts/find-valkey or set WSBROKER_VALKEY_BIN"
     );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn start_node(dir: &Path, id: &str, app: SocketAddr, valkey: Option<u16>) -> (Proc, SocketAddr) {

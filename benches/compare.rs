@@ -6,9 +6,11 @@
 //! apt-get when missing; `-- --quick` for a seconds-long smoke). Prints one
 //! table and writes `target/compare.json`.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
+
+use common::{free_port, proc_stat, Proc};
 
 struct Settings {
     rounds: usize,
@@ -26,22 +30,6 @@ struct Settings {
     tp_in_flight: usize,
     handshakes: usize,
     idle: usize,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A proxy under test.
@@ -62,25 +50,6 @@ fn children_of(pid: u32) -> Vec<u32> {
         );
     }
     out
-}
-
-fn proc_stat(pid: u32) -> (f64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let f = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    let cpu = (f(11) + f(12)) / 100.0;
-    let rss_pages = f(21) as u64;
-    (cpu, rss_pages * 4)
 }
 
 fn cpu_and_rss(pids: &[u32]) -> (f64, u64) {

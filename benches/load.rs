@@ -4,6 +4,8 @@
 //! Run: `cargo bench --bench load` (add `-- --quick` for a seconds-long
 //! smoke). Figures are ratios measured in one run on one machine.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,36 +20,6 @@ struct Settings {
     concurrent_clients: usize,
     messages_per_client: usize,
     idle_sessions: usize,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// CPU time (user + system) of a process in seconds, from /proc.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 async fn connect(url: &str) -> tokio_tungstenite::WebSocketStream<TcpStream> {
@@ -103,7 +75,9 @@ async fn throughput(base: &str, clients: usize, per: usize) -> f64 {
 }
 
 fn start_node(app: SocketAddr) -> (Child, SocketAddr, std::path::PathBuf) {
-    let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let public: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .expect("addr");
     let dir = std::env::temp_dir().join(format!("wsbroker-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("bench.toml");
@@ -166,12 +140,12 @@ async fn run(s: Settings) {
     let (d_p50, d_p99) = round_trips(&format!("{direct}/"), s.round_trips).await;
     let (b_p50, b_p99) = round_trips(&format!("{broker}/?session=rtt"), s.round_trips).await;
     let d_tp = throughput(&direct, s.concurrent_clients, s.messages_per_client).await;
-    let cpu_before = cpu_secs(child.id());
+    let cpu_before = common::proc_stat(child.id()).0;
     let b_tp = throughput(&broker, s.concurrent_clients, s.messages_per_client).await;
-    let cpu_per_msg_us = (cpu_secs(child.id()) - cpu_before) * 1e6
+    let cpu_per_msg_us = (common::proc_stat(child.id()).0 - cpu_before) * 1e6
         / (s.concurrent_clients * s.messages_per_client) as f64;
 
-    let rss_before = rss_kib(child.id());
+    let rss_before = common::proc_stat(child.id()).1;
     let mut idle = Vec::with_capacity(s.idle_sessions);
     for i in 0..s.idle_sessions {
         let mut ws = connect(&format!("{broker}/?session=idle{i}")).await;
@@ -180,7 +154,7 @@ async fn run(s: Settings) {
         idle.push(ws);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_after = rss_kib(child.id());
+    let rss_after = common::proc_stat(child.id()).1;
     let per_session = (rss_after.saturating_sub(rss_before)) as f64 / s.idle_sessions as f64;
 
     println!("wsbroker load benchmark (single node, memory registry)");

@@ -61,7 +61,6 @@ pub struct Metrics {
     registry: Registry,
     pub connections_active: Gauge,
     pub sessions_active: Gauge,
-    upgrades: Family<ResultLabel, Counter>,
     upgrade_counters: [Counter; 5],
     pub forwarded: Counter,
     pub migrations: Counter,
@@ -162,7 +161,6 @@ impl Metrics {
             registry,
             connections_active,
             sessions_active,
-            upgrades,
             upgrade_counters,
             forwarded,
             migrations,
@@ -186,7 +184,6 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let _ = &self.upgrades;
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

@@ -245,6 +245,24 @@ impl ValkeyRegistry {
         }
     }
 
+    /// Runs one ownership script (EVALSHA, loading it on NOSCRIPT).
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<T, RegistryError> {
+        let mut invocation = script.prepare_invoke();
+        for k in keys {
+            invocation.key(k);
+        }
+        for a in args {
+            invocation.arg(a);
+        }
+        self.run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await
+    }
+
     /// A live round trip.
     pub async fn ping(&self) -> Result<(), RegistryError> {
         self.run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
@@ -281,24 +299,13 @@ impl ValkeyRegistry {
     }
 
     pub async fn heartbeat(&self) -> Result<Beat, RegistryError> {
-        let key = self.keys.node(&self.me.id);
-        let nodes = self.keys.nodes();
-        let id = self.me.id.clone();
-        let json = self.record_json.clone();
-        let ttl = self.stale_ttl.as_millis() as u64;
-        let script = &self.heartbeat_script;
-        let r: i64 = self
-            .run(|mut c| async move {
-                script
-                    .key(&key)
-                    .key(&nodes)
-                    .arg(&json)
-                    .arg(ttl)
-                    .arg(&id)
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
+        let keys = [self.keys.node(&self.me.id), self.keys.nodes()];
+        let args = [
+            self.record_json.clone(),
+            self.stale_ttl.as_millis().to_string(),
+            self.me.id.clone(),
+        ];
+        let r: i64 = self.eval(&self.heartbeat_script, &keys, &args).await?;
         Ok(match r {
             1 => Beat::Refreshed,
             0 => Beat::Lapsed,
@@ -331,25 +338,16 @@ impl ValkeyRegistry {
     }
 
     pub async fn claim(&self, sid: &str, allow_takeover: bool) -> Result<Claim, RegistryError> {
-        let key = self.keys.session(sid);
-        let set = self.keys.node_sessions(&self.me.id);
-        let prefix = self.keys.node_prefix();
-        let me = self.me.id.clone();
-        let sid_owned = sid.to_string();
-        let script = &self.claim;
-        let (verdict, epoch, upstream, detail): (String, u64, String, String) = self
-            .run(|mut c| async move {
-                script
-                    .key(&key)
-                    .key(&set)
-                    .arg(&me)
-                    .arg(&prefix)
-                    .arg(&sid_owned)
-                    .arg(if allow_takeover { "1" } else { "0" })
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
+        let keys = [self.keys.session(sid), self.keys.node_sessions(&self.me.id)];
+        let allow = if allow_takeover { "1" } else { "0" };
+        let args = [
+            self.me.id.clone(),
+            self.keys.node_prefix(),
+            sid.to_string(),
+            allow.to_string(),
+        ];
+        let (verdict, epoch, upstream, detail): (String, u64, String, String) =
+            self.eval(&self.claim, &keys, &args).await?;
         let prefer = (!upstream.is_empty()).then_some(upstream);
         Ok(match verdict.as_str() {
             "new" => Claim::Owned {
@@ -378,25 +376,9 @@ impl ValkeyRegistry {
     /// Raises the epoch of a session the registry says is this node's but
     /// that this process does not hold.
     pub async fn bump(&self, sid: &str, seen: u64) -> Result<Option<u64>, RegistryError> {
-        let (key, set, me, sid) = (
-            self.keys.session(sid),
-            self.keys.node_sessions(&self.me.id),
-            self.me.id.clone(),
-            sid.to_string(),
-        );
-        let script = &self.bump;
-        let epoch: u64 = self
-            .run(|mut c| async move {
-                script
-                    .key(&key)
-                    .key(&set)
-                    .arg(&me)
-                    .arg(seen)
-                    .arg(&sid)
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
+        let keys = [self.keys.session(sid), self.keys.node_sessions(&self.me.id)];
+        let args = [self.me.id.clone(), seen.to_string(), sid.to_string()];
+        let epoch: u64 = self.eval(&self.bump, &keys, &args).await?;
         Ok((epoch > 0).then_some(epoch))
     }
 
@@ -406,45 +388,17 @@ impl ValkeyRegistry {
         epoch: u64,
         upstream: &str,
     ) -> Result<(), RegistryError> {
-        let (key, me, up) = (
-            self.keys.session(sid),
-            self.me.id.clone(),
-            upstream.to_string(),
-        );
-        let script = &self.set_upstream;
-        self.run(|mut c| async move {
-            script
-                .key(&key)
-                .arg(&me)
-                .arg(epoch)
-                .arg(&up)
-                .invoke_async::<i64>(&mut c)
-                .await
-        })
-        .await
-        .map(|_| ())
+        let keys = [self.keys.session(sid)];
+        let args = [self.me.id.clone(), epoch.to_string(), upstream.to_string()];
+        self.eval::<i64>(&self.set_upstream, &keys, &args)
+            .await
+            .map(|_| ())
     }
 
     pub async fn end(&self, sid: &str, epoch: u64) -> Result<(), RegistryError> {
-        let (key, set, me, sid) = (
-            self.keys.session(sid),
-            self.keys.node_sessions(&self.me.id),
-            self.me.id.clone(),
-            sid.to_string(),
-        );
-        let script = &self.end;
-        self.run(|mut c| async move {
-            script
-                .key(&key)
-                .key(&set)
-                .arg(&me)
-                .arg(epoch)
-                .arg(&sid)
-                .invoke_async::<i64>(&mut c)
-                .await
-        })
-        .await
-        .map(|_| ())
+        let keys = [self.keys.session(sid), self.keys.node_sessions(&self.me.id)];
+        let args = [self.me.id.clone(), epoch.to_string(), sid.to_string()];
+        self.eval::<i64>(&self.end, &keys, &args).await.map(|_| ())
     }
 
     /// Releases many sessions of `owner` at once (drain, or collecting a
@@ -606,23 +560,13 @@ impl ValkeyRegistry {
         let sessions: Vec<(String, Option<u64>)> = sids.into_iter().map(|s| (s, None)).collect();
         self.release_many(dead, &sessions, self.collected_ttl())
             .await?;
-        let (node, set, nodes, id) = (
+        let keys = [
             self.keys.node(dead),
             self.keys.node_sessions(dead),
             self.keys.nodes(),
-            dead.to_string(),
-        );
-        let script = &self.forget;
-        self.run(|mut c| async move {
-            script
-                .key(&node)
-                .key(&set)
-                .key(&nodes)
-                .arg(&id)
-                .invoke_async::<i64>(&mut c)
-                .await
-        })
-        .await?;
+        ];
+        self.eval::<i64>(&self.forget, &keys, &[dead.to_string()])
+            .await?;
         Ok(sessions.len())
     }
 
