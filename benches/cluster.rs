@@ -9,7 +9,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,24 +18,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use common::{free_port, Proc};
+use common::{free_port, valkey_binary, Proc};
 
 const HEARTBEAT: &str = "200ms";
 const STALE_TTL: &str = "1s";
-
-fn valkey_binary() -> PathBuf {
-    if let Ok(bin) = std::env::var("WSBROKER_VALKEY_BIN") {
-        return PathBuf::from(bin);
-    }
-    let out = Command::new("scripts/find-valkey")
-        .output()
-        .expect("run scripts/find-valkey");
-    assert!(
-        out.status.success(),
-        "no Valkey server: run scripts/find-valkey or set WSBROKER_VALKEY_BIN"
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
 
 fn start_node(dir: &Path, id: &str, app: SocketAddr, valkey: Option<u16>) -> (Proc, SocketAddr) {
     let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");

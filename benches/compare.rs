@@ -1,10 +1,15 @@
 //! wsbroker against nginx and HAProxy (each set up as the WebSocket reverse
 //! proxy its documentation describes) and against no proxy at all, with the
-//! same clients, interleaved in rounds within one run.
+//! same clients, interleaved in rounds within one run. Besides the single
+//! node on the memory registry it drives a three-node cluster on Valkey:
+//! new sessions on the registry, and the forwarding hop (client on a
+//! non-owner node) against nginx placed in front of wsbroker.
 //!
 //! Run: `cargo bench --bench compare` (installs nginx and haproxy with
-//! apt-get when missing; `-- --quick` for a seconds-long smoke). Prints one
-//! table and writes `target/compare.json`.
+//! apt-get when missing, needs Valkey as `scripts/find-valkey` finds it;
+//! `-- --quick` for a seconds-long smoke). Prints one table and writes
+//! `target/compare.json`. `WSBROKER_BENCH_WRAP="valgrind --tool=callgrind"`
+//! runs the single wsbroker node under a profiler.
 
 mod common;
 
@@ -19,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use common::{free_port, proc_stat, Proc};
+use common::{free_port, proc_stat, valkey_binary, Proc};
 
 struct Settings {
     rounds: usize,
@@ -29,16 +34,47 @@ struct Settings {
     tp_messages: usize,
     tp_in_flight: usize,
     handshakes: usize,
+    parallel: usize,
     idle: usize,
 }
 
-/// A proxy under test.
+/// What is measured on a target.
+#[derive(Clone, Copy)]
+struct Phases {
+    messages: bool,
+    sessions: bool,
+    idle: bool,
+}
+
+const ALL: Phases = Phases {
+    messages: true,
+    sessions: true,
+    idle: true,
+};
+
+/// A proxy (or proxy chain) under test.
 struct Target {
     name: &'static str,
     addr: SocketAddr,
+    /// Sessions are first opened here, then used through `addr` (the
+    /// forwarding hop: `owner` owns them, `addr` is another node).
+    owner: Option<SocketAddr>,
     /// Processes whose CPU and memory count (nginx: master + workers).
     pids: Box<dyn Fn() -> Vec<u32>>,
+    phases: Phases,
     _procs: Vec<Proc>,
+}
+
+impl Drop for Target {
+    // nginx's workers outlive a killed master: end every process started.
+    fn drop(&mut self) {
+        for pid in (self.pids)() {
+            let _ = Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
 }
 
 fn children_of(pid: u32) -> Vec<u32> {
@@ -77,44 +113,131 @@ fn ensure_installed(bin: &str, package: &str) -> PathBuf {
     Path::new("/usr/sbin").join(bin)
 }
 
-fn start_wsbroker(dir: &Path, app: SocketAddr) -> Target {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let path = dir.join("wsbroker.toml");
+fn loopback() -> SocketAddr {
+    format!("127.0.0.1:{}", free_port()).parse().expect("addr")
+}
+
+/// A wsbroker node; `cluster` adds the `[cluster]`/`[valkey]` sections.
+fn spawn_wsbroker(
+    dir: &Path,
+    id: &str,
+    app: SocketAddr,
+    cluster: &str,
+    wrap: bool,
+) -> (Proc, SocketAddr) {
+    let addr = loopback();
+    let path = dir.join(format!("{id}.toml"));
     std::fs::write(
         &path,
-        format!("[node]\nid = \"bench\"\nlisten = \"{addr}\"\n[upstream]\nservers = [\"ws://{app}\"]\n[log]\nlevel = \"error\"\n"),
+        format!("[node]\nid = \"{id}\"\nlisten = \"{addr}\"\n[upstream]\nservers = [\"ws://{app}\"]\n[log]\nlevel = \"error\"\n{cluster}"),
     )
     .expect("config");
-    let child = Command::new(env!("CARGO_BIN_EXE_wsbroker"))
+    let wrapper = std::env::var("WSBROKER_BENCH_WRAP").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let mut cmd = match words.next().filter(|_| wrap) {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(env!("CARGO_BIN_EXE_wsbroker"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_wsbroker")),
+    };
+    let child = cmd
         .args(["run", "--config"])
         .arg(&path)
         .stdout(Stdio::null())
         .spawn()
         .expect("wsbroker");
-    let pid = child.id();
+    (Proc(child), addr)
+}
+
+fn start_wsbroker(dir: &Path, app: SocketAddr) -> Target {
+    let (proc_, addr) = spawn_wsbroker(dir, "bench", app, "", true);
+    let pid = proc_.0.id();
     Target {
         name: "wsbroker",
         addr,
+        owner: None,
         pids: Box::new(move || vec![pid]),
-        _procs: vec![Proc(child)],
+        phases: ALL,
+        _procs: vec![proc_],
     }
 }
 
-fn start_nginx(dir: &Path, app: SocketAddr) -> Target {
+/// A Valkey server and three wsbroker nodes on it: the node `valkey`
+/// (sessions created on it) and `hop` (client on node b, owner node a).
+fn start_cluster(dir: &Path, app: SocketAddr) -> (Target, Target) {
+    let vport = free_port();
+    let valkey = Proc(
+        Command::new(valkey_binary())
+            .args([
+                "--port",
+                &vport.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("valkey"),
+    );
+    let vpid = valkey.0.id();
+    let cluster = format!(
+        "[cluster]\nregistry = \"valkey\"\nsecret = \"bench-secret\"\nheartbeat_interval = \"500ms\"\nstale_ttl = \"3s\"\n[valkey]\nurl = \"redis://127.0.0.1:{vport}/0\"\n"
+    );
+    let (a, a_addr) = spawn_wsbroker(dir, "a", app, &cluster, false);
+    let (b, b_addr) = spawn_wsbroker(dir, "b", app, &cluster, false);
+    let (c, _) = spawn_wsbroker(dir, "c", app, &cluster, false);
+    let (apid, bpid) = (a.0.id(), b.0.id());
+    let on_registry = Target {
+        name: "wsbroker-valkey",
+        addr: a_addr,
+        owner: None,
+        pids: Box::new(move || vec![apid, vpid]),
+        phases: Phases {
+            messages: false,
+            sessions: true,
+            idle: false,
+        },
+        _procs: vec![valkey, a, c],
+    };
+    let hop = Target {
+        name: "wsbroker-hop",
+        addr: b_addr,
+        owner: Some(a_addr),
+        pids: Box::new(move || vec![apid, bpid]),
+        phases: Phases {
+            messages: true,
+            sessions: false,
+            idle: false,
+        },
+        _procs: vec![b],
+    };
+    (on_registry, hop)
+}
+
+fn start_nginx(dir: &Path, name: &'static str, upstream: SocketAddr, extra: Option<u32>) -> Target {
     let bin = ensure_installed("nginx", "nginx-light");
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let conf = dir.join("nginx.conf");
+    let addr = loopback();
+    let sub = dir.join(name);
+    std::fs::create_dir_all(&sub).expect("nginx dir");
+    let conf = sub.join("nginx.conf");
     std::fs::write(
         &conf,
         format!(
             "worker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log error;\nworker_rlimit_nofile 20000;\n\
              events {{ worker_connections 19000; }}\n\
              http {{\n  access_log off;\n  map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}\n\
-               upstream app {{ server {app}; }}\n\
+               upstream app {{ server {upstream}; }}\n\
                server {{\n    listen {addr};\n    location / {{\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n\
                      proxy_set_header Upgrade $http_upgrade;\n      proxy_set_header Connection $connection_upgrade;\n\
                      proxy_set_header Host $host;\n      proxy_read_timeout 1h;\n      proxy_send_timeout 1h;\n    }}\n  }}\n}}\n",
-            d = dir.display()
+            d = sub.display()
         ),
     )
     .expect("nginx.conf");
@@ -122,7 +245,7 @@ fn start_nginx(dir: &Path, app: SocketAddr) -> Target {
         .arg("-c")
         .arg(&conf)
         .arg("-p")
-        .arg(dir)
+        .arg(&sub)
         .args(["-g", "daemon off;"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -130,21 +253,35 @@ fn start_nginx(dir: &Path, app: SocketAddr) -> Target {
         .expect("nginx");
     let pid = child.id();
     Target {
-        name: "nginx",
+        name,
         addr,
-        pids: Box::new(move || children_of(pid)),
+        owner: None,
+        pids: Box::new(move || {
+            let mut p = children_of(pid);
+            p.extend(extra);
+            p
+        }),
+        phases: if extra.is_some() {
+            Phases {
+                messages: true,
+                sessions: false,
+                idle: false,
+            }
+        } else {
+            ALL
+        },
         _procs: vec![Proc(child)],
     }
 }
 
 fn start_haproxy(dir: &Path, app: SocketAddr) -> Target {
     let bin = ensure_installed("haproxy", "haproxy");
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let addr = loopback();
     let conf = dir.join("haproxy.cfg");
     std::fs::write(
         &conf,
         format!(
-            "global\n  maxconn 9000\n  nbthread 2\n\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n  timeout tunnel 1h\n\n\
+            "global\n  maxconn 9800\n  nbthread 2\n\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n  timeout tunnel 1h\n\n\
              frontend fe\n  bind {addr}\n  default_backend be\n\nbackend be\n  server app {app}\n"
         ),
     )
@@ -161,12 +298,17 @@ fn start_haproxy(dir: &Path, app: SocketAddr) -> Target {
     Target {
         name: "haproxy",
         addr,
+        owner: None,
         pids: Box::new(move || vec![pid]),
+        phases: ALL,
         _procs: vec![Proc(child)],
     }
 }
 
-async fn connect(addr: SocketAddr, sid: &str) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+async fn connect(addr: SocketAddr, sid: &str) -> Ws {
+    let sid = sid.replace('+', "-");
     let stream = TcpStream::connect(addr).await.expect("connect");
     stream.set_nodelay(true).expect("nodelay");
     tokio_tungstenite::client_async(format!("ws://{addr}/?session={sid}"), stream)
@@ -175,11 +317,38 @@ async fn connect(addr: SocketAddr, sid: &str) -> tokio_tungstenite::WebSocketStr
         .0
 }
 
-async fn wait_listening(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "{addr} never listened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// A session for `t`: on the hop target it is created on the owner first
+/// (the client then drops without a Close, and resumes through `addr`).
+async fn open(t: &Target, sid: &str) -> Ws {
+    if let Some(owner) = t.owner {
+        let mut first = connect(owner, sid).await;
+        first.send(Message::text("own")).await.expect("send");
+        let _ = first.next().await;
+    }
+    connect(t.addr, sid).await
+}
+
+async fn close(mut ws: Ws) {
+    let _ = ws.close(None).await;
+    while let Some(Ok(_)) = ws.next().await {}
+}
+
+async fn wait_ready(t: &Target) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let probe = format!("ready-{}-{}", t.name.replace('+', "-"), fastrand::u64(..));
+    loop {
+        let attempt = async {
+            let stream = TcpStream::connect(t.addr).await.ok()?;
+            tokio_tungstenite::client_async(format!("ws://{}/?session={probe}", t.addr), stream)
+                .await
+                .ok()
+        };
+        if let Ok(Some((ws, _))) = tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            close(ws).await;
+            return;
+        }
+        assert!(Instant::now() < deadline, "{} never became ready", t.name);
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -191,20 +360,24 @@ struct Row {
     tp_msgs_per_s: f64,
     tp_mb_per_s: f64,
     new_sessions_per_s: f64,
+    reattach_per_s: f64,
     cpu_us_per_msg: f64,
     cpu_us_per_session: f64,
     idle_kib_per_session: f64,
 }
 
 /// Many connections, each sending one small message and awaiting its echo.
-async fn round_trip(addr: SocketAddr, s: &Settings, tag: &str) -> (f64, Vec<Duration>) {
+async fn round_trip(t: &Target, s: &Settings, tag: &str) -> (f64, Vec<Duration>) {
+    let mut conns = Vec::with_capacity(s.rtt_clients);
+    for c in 0..s.rtt_clients {
+        conns.push(open(t, &format!("rt-{tag}-{c}")).await);
+    }
     let started = Instant::now();
-    let tasks: Vec<_> = (0..s.rtt_clients)
-        .map(|c| {
-            let sid = format!("rt-{tag}-{c}");
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|mut ws| {
             let n = s.rtt_messages;
             tokio::spawn(async move {
-                let mut ws = connect(addr, &sid).await;
                 let mut lat = Vec::with_capacity(n);
                 for i in 0..n {
                     let t = Instant::now();
@@ -212,28 +385,37 @@ async fn round_trip(addr: SocketAddr, s: &Settings, tag: &str) -> (f64, Vec<Dura
                     let _ = ws.next().await.expect("echo").expect("message");
                     lat.push(t.elapsed());
                 }
-                lat
+                (lat, ws)
             })
         })
         .collect();
     let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.expect("client"));
+    let mut done = Vec::new();
+    for task in tasks {
+        let (lat, ws) = task.await.expect("client");
+        all.extend(lat);
+        done.push(ws);
     }
     let rate = all.len() as f64 / started.elapsed().as_secs_f64();
+    for ws in done {
+        close(ws).await;
+    }
     all.sort();
     (rate, all)
 }
 
 /// Pipelined 1 KiB messages, several in flight per connection.
-async fn throughput(addr: SocketAddr, s: &Settings, tag: &str) -> f64 {
+async fn throughput(t: &Target, s: &Settings, tag: &str) -> f64 {
+    let mut conns = Vec::with_capacity(s.tp_clients);
+    for c in 0..s.tp_clients {
+        conns.push(open(t, &format!("tp-{tag}-{c}")).await);
+    }
     let started = Instant::now();
-    let tasks: Vec<_> = (0..s.tp_clients)
-        .map(|c| {
-            let sid = format!("tp-{tag}-{c}");
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|ws| {
             let (n, window) = (s.tp_messages, s.tp_in_flight);
             tokio::spawn(async move {
-                let ws = connect(addr, &sid).await;
                 let (mut tx, mut rx) = ws.split();
                 let sem = Arc::new(tokio::sync::Semaphore::new(window));
                 let s2 = sem.clone();
@@ -251,76 +433,114 @@ async fn throughput(addr: SocketAddr, s: &Settings, tag: &str) -> f64 {
                     let _ = rx.next().await.expect("echo").expect("message");
                     sem.add_permits(1);
                 }
-                let _ = sender.await;
+                let tx = sender.await.expect("sender");
+                tx.reunite(rx).expect("halves of one stream")
             })
         })
         .collect();
-    for t in tasks {
-        t.await.expect("client");
+    let mut done = Vec::new();
+    for task in tasks {
+        done.push(task.await.expect("client"));
     }
-    (s.tp_clients * s.tp_messages) as f64 / started.elapsed().as_secs_f64()
+    let rate = (s.tp_clients * s.tp_messages) as f64 / started.elapsed().as_secs_f64();
+    for ws in done {
+        close(ws).await;
+    }
+    rate
 }
 
-/// New sessions per second, 16 in parallel.
-async fn new_sessions(addr: SocketAddr, s: &Settings, tag: &str) -> f64 {
-    let parallel = 16;
-    let per = s.handshakes / parallel;
+/// Upgrades per second, `parallel` at a time. `reattach`: every worker
+/// reuses one session id and drops its connection without a Close (the
+/// session waits for it to resume); otherwise each upgrade is a new
+/// session, closed normally.
+async fn upgrades(t: &Target, s: &Settings, tag: &str, reattach: bool) -> f64 {
+    let per = s.handshakes / s.parallel;
+    let addr = t.addr;
     let started = Instant::now();
-    let tasks: Vec<_> = (0..parallel)
+    let tasks: Vec<_> = (0..s.parallel)
         .map(|w| {
             let tag = tag.to_string();
             tokio::spawn(async move {
                 for i in 0..per {
-                    let mut ws = connect(addr, &format!("hs-{tag}-{w}-{i}")).await;
-                    let _ = ws.close(None).await;
-                    while let Some(Ok(_)) = ws.next().await {}
+                    let sid = if reattach {
+                        format!("re-{tag}-{w}")
+                    } else {
+                        format!("hs-{tag}-{w}-{i}")
+                    };
+                    let ws = connect(addr, &sid).await;
+                    if reattach && i + 1 < per {
+                        drop(ws);
+                    } else {
+                        close(ws).await;
+                    }
                 }
             })
         })
         .collect();
-    for t in tasks {
-        t.await.expect("worker");
+    for task in tasks {
+        task.await.expect("worker");
     }
-    (per * parallel) as f64 / started.elapsed().as_secs_f64()
+    (per * s.parallel) as f64 / started.elapsed().as_secs_f64()
 }
 
 async fn measure(t: &Target, s: &Settings, round: usize) -> Row {
     let pids = (t.pids)();
     let tag = format!("{}-{round}", t.name);
-    let (cpu0, _) = cpu_and_rss(&pids);
-    let (rtt_rate, lat) = round_trip(t.addr, s, &tag).await;
-    let tp = throughput(t.addr, s, &tag).await;
-    let (cpu1, _) = cpu_and_rss(&pids);
-    let msgs = (s.rtt_clients * s.rtt_messages + s.tp_clients * s.tp_messages) as f64;
-    let hs = new_sessions(t.addr, s, &tag).await;
-    let (cpu2, _) = cpu_and_rss(&pids);
-    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1e6;
-    Row {
-        rtt_msgs_per_s: rtt_rate,
-        rtt_p50_us: pct(0.50),
-        rtt_p99_us: pct(0.99),
-        tp_msgs_per_s: tp,
-        tp_mb_per_s: tp * 1024.0 / 1e6,
-        new_sessions_per_s: hs,
-        cpu_us_per_msg: (cpu1 - cpu0) * 1e6 / msgs,
-        cpu_us_per_session: (cpu2 - cpu1) * 1e6 / (s.handshakes / 16 * 16) as f64,
-        idle_kib_per_session: 0.0,
+    let mut row = Row::default();
+    if t.phases.messages {
+        let (cpu0, _) = cpu_and_rss(&pids);
+        let (rtt_rate, lat) = round_trip(t, s, &tag).await;
+        let tp = throughput(t, s, &tag).await;
+        let (cpu1, _) = cpu_and_rss(&pids);
+        let msgs = (s.rtt_clients * s.rtt_messages + s.tp_clients * s.tp_messages) as f64;
+        let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1e6;
+        row.rtt_msgs_per_s = rtt_rate;
+        row.rtt_p50_us = pct(0.50);
+        row.rtt_p99_us = pct(0.99);
+        row.tp_msgs_per_s = tp;
+        row.tp_mb_per_s = tp * 1024.0 / 1e6;
+        row.cpu_us_per_msg = (cpu1 - cpu0) * 1e6 / msgs;
     }
+    if t.phases.sessions {
+        let (cpu0, _) = cpu_and_rss(&pids);
+        row.new_sessions_per_s = upgrades(t, s, &tag, false).await;
+        let (cpu1, _) = cpu_and_rss(&pids);
+        row.reattach_per_s = upgrades(t, s, &tag, true).await;
+        let n = (s.handshakes / s.parallel * s.parallel) as f64;
+        row.cpu_us_per_session = (cpu1 - cpu0) * 1e6 / n;
+    }
+    row
 }
 
+/// RSS growth of the proxy per idle proxied session (each has exchanged
+/// one message), `n` sessions.
 async fn idle_memory(t: &Target, n: usize) -> f64 {
-    let pids = (t.pids)();
-    let (_, before) = cpu_and_rss(&pids);
+    let (_, before) = cpu_and_rss(&(t.pids)());
+    let parallel = 16;
+    let tasks: Vec<_> = (0..parallel)
+        .map(|w| {
+            let (addr, name) = (t.addr, t.name);
+            tokio::spawn(async move {
+                let mut held = Vec::new();
+                for i in (w..n).step_by(parallel) {
+                    let mut ws = connect(addr, &format!("idle-{name}-{i}")).await;
+                    ws.send(Message::text("hi")).await.expect("send");
+                    let _ = ws.next().await;
+                    held.push(ws);
+                }
+                held
+            })
+        })
+        .collect();
     let mut held = Vec::with_capacity(n);
-    for i in 0..n {
-        let mut ws = connect(t.addr, &format!("idle-{}-{i}", t.name)).await;
-        ws.send(Message::text("hi")).await.expect("send");
-        let _ = ws.next().await;
-        held.push(ws);
+    for task in tasks {
+        held.extend(task.await.expect("idle client"));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (_, after) = cpu_and_rss(&(t.pids)());
-    drop(held);
+    for ws in held {
+        close(ws).await;
+    }
     after.saturating_sub(before) as f64 / n as f64
 }
 
@@ -329,8 +549,30 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// Raises this process's open-file limit to its hard limit (children
+/// inherit it): the idle run holds two descriptors per session here.
+fn raise_fd_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        lim.rlim_cur = lim.rlim_max;
+        let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        lim.rlim_cur
+    }
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let fds = raise_fd_limit();
+    // Each idle session holds two descriptors in the proxy (and two here):
+    // the largest round number of sessions that fits the limit.
+    let idle_max = ((fds.saturating_sub(400) / 2) / 500 * 500) as usize;
     let s = if quick {
         Settings {
             rounds: 1,
@@ -340,7 +582,8 @@ fn main() {
             tp_messages: 200,
             tp_in_flight: 8,
             handshakes: 64,
-            idle: 100,
+            parallel: 16,
+            idle: 100.min(idle_max),
         }
     } else {
         Settings {
@@ -351,17 +594,18 @@ fn main() {
             tp_messages: 3000,
             tp_in_flight: 8,
             handshakes: 2000,
-            idle: 5000,
+            parallel: 16,
+            idle: 10_000.min(idle_max),
         }
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(run(s));
+    rt.block_on(run(s, fds));
 }
 
-async fn run(s: Settings) {
+async fn run(s: Settings, fds: u64) {
     let dir = std::env::temp_dir().join(format!("wsbroker-compare-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let stop = CancellationToken::new();
@@ -371,17 +615,29 @@ async fn run(s: Settings) {
     let direct = Target {
         name: "direct",
         addr: app,
+        owner: None,
         pids: Box::new(Vec::new),
+        phases: Phases {
+            messages: true,
+            sessions: true,
+            idle: false,
+        },
         _procs: Vec::new(),
     };
+    let single = start_wsbroker(&dir, app);
+    let (single_pid, single_addr) = (single._procs[0].0.id(), single.addr);
+    let (on_registry, hop) = start_cluster(&dir, app);
     let targets = vec![
         direct,
-        start_wsbroker(&dir, app),
-        start_nginx(&dir, app),
+        single,
+        start_nginx(&dir, "nginx", app, None),
         start_haproxy(&dir, app),
+        on_registry,
+        start_nginx(&dir, "nginx+wsbroker", single_addr, Some(single_pid)),
+        hop,
     ];
     for t in &targets {
-        wait_listening(t.addr).await;
+        wait_ready(t).await;
     }
     let mut rows: Vec<Vec<Row>> = vec![Vec::new(); targets.len()];
     for round in 0..s.rounds {
@@ -399,41 +655,56 @@ async fn run(s: Settings) {
             tp_msgs_per_s: pick(|r| r.tp_msgs_per_s),
             tp_mb_per_s: pick(|r| r.tp_mb_per_s),
             new_sessions_per_s: pick(|r| r.new_sessions_per_s),
+            reattach_per_s: pick(|r| r.reattach_per_s),
             cpu_us_per_msg: pick(|r| r.cpu_us_per_msg),
             cpu_us_per_session: pick(|r| r.cpu_us_per_session),
             idle_kib_per_session: 0.0,
         };
-        if t.name != "direct" {
+        if t.phases.idle {
             row.idle_kib_per_session = idle_memory(t, s.idle).await;
         }
         results.push((t.name, row));
     }
-    println!(
-        "{:<10} {:>12} {:>9} {:>9} {:>12} {:>8} {:>11} {:>10} {:>11} {:>10}",
-        "target",
-        "rtt msg/s",
-        "p50 us",
-        "p99 us",
-        "tp msg/s",
-        "MB/s",
-        "sessions/s",
-        "cpu us/msg",
-        "cpu us/sess",
-        "idle KiB"
+    print_table(&results, &s, fds);
+    let json: Vec<_> = results
+        .iter()
+        .map(|(n, r)| serde_json::json!({"target": n, "result": r}))
+        .collect();
+    let _ = std::fs::write(
+        "target/compare.json",
+        serde_json::to_string_pretty(&json).unwrap_or_default(),
     );
-    for (name, r) in &results {
+    drop(targets);
+    stop.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn print_table(results: &[(&str, Row)], s: &Settings, fds: u64) {
+    let blank = |v: f64, prec: usize| {
+        if v == 0.0 {
+            "–".to_string()
+        } else {
+            format!("{v:.prec$}")
+        }
+    };
+    println!(
+        "\n| target | rtt msg/s | p50 us | p99 us | tp msg/s | MB/s | new sessions/s | re-attach/s | CPU us/msg | CPU us/session | idle KiB/session ({}) |",
+        s.idle
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for (name, r) in results {
         println!(
-            "{:<10} {:>12.0} {:>9.1} {:>9.1} {:>12.0} {:>8.1} {:>11.0} {:>10.2} {:>11.1} {:>10.1}",
-            name,
-            r.rtt_msgs_per_s,
-            r.rtt_p50_us,
-            r.rtt_p99_us,
-            r.tp_msgs_per_s,
-            r.tp_mb_per_s,
-            r.new_sessions_per_s,
-            r.cpu_us_per_msg,
-            r.cpu_us_per_session,
-            r.idle_kib_per_session
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            blank(r.rtt_msgs_per_s, 0),
+            blank(r.rtt_p50_us, 1),
+            blank(r.rtt_p99_us, 1),
+            blank(r.tp_msgs_per_s, 0),
+            blank(r.tp_mb_per_s, 1),
+            blank(r.new_sessions_per_s, 0),
+            blank(r.reattach_per_s, 0),
+            blank(r.cpu_us_per_msg, 2),
+            blank(r.cpu_us_per_session, 1),
+            blank(r.idle_kib_per_session, 1),
         );
     }
     let find = |n: &str| {
@@ -443,40 +714,55 @@ async fn run(s: Settings) {
             .map(|(_, r)| r.clone())
             .unwrap_or_default()
     };
-    let (w, ng, hp) = (find("wsbroker"), find("nginx"), find("haproxy"));
-    println!("\nratios (wsbroker / other):");
-    println!(
-        "  round-trip msg/s vs nginx   {:.2}   p99 vs nginx {:.2}",
-        w.rtt_msgs_per_s / ng.rtt_msgs_per_s,
-        w.rtt_p99_us / ng.rtt_p99_us
+    let (w, ng, hp, vk, hop, chain) = (
+        find("wsbroker"),
+        find("nginx"),
+        find("haproxy"),
+        find("wsbroker-valkey"),
+        find("wsbroker-hop"),
+        find("nginx+wsbroker"),
     );
-    println!(
-        "  throughput msg/s vs haproxy {:.2}",
-        w.tp_msgs_per_s / hp.tp_msgs_per_s
+    let check = |label: &str, ratio: f64, target: &str, met: bool| {
+        println!(
+            "  {label:<46} {ratio:>5.2}   target {target:<6} {}",
+            if met { "met" } else { "MISSED" }
+        );
+    };
+    println!("\nratios in this run (open-file limit {fds}):");
+    let r = w.rtt_msgs_per_s / ng.rtt_msgs_per_s;
+    check("round-trip msg/s, wsbroker / nginx", r, ">= 1.1", r >= 1.1);
+    let r = w.rtt_p99_us / ng.rtt_p99_us;
+    check("round-trip p99, wsbroker / nginx", r, "<= 1", r <= 1.0);
+    let r = w.tp_msgs_per_s / hp.tp_msgs_per_s;
+    check(
+        "throughput msg/s, wsbroker / haproxy",
+        r,
+        ">= 1.1",
+        r >= 1.1,
     );
-    println!(
-        "  cpu per message vs haproxy  {:.2}   cpu per session vs nginx {:.2}",
-        w.cpu_us_per_msg / hp.cpu_us_per_msg,
-        w.cpu_us_per_session / ng.cpu_us_per_session
+    let r = w.cpu_us_per_msg / hp.cpu_us_per_msg;
+    check("CPU per message, wsbroker / haproxy", r, "< 1", r < 1.0);
+    let r = w.cpu_us_per_session / ng.cpu_us_per_session;
+    check("CPU per new session, wsbroker / nginx", r, "< 1", r < 1.0);
+    let r = vk.new_sessions_per_s / ng.new_sessions_per_s;
+    check(
+        "new sessions/s, wsbroker-valkey / nginx",
+        r,
+        ">= 0.8",
+        r >= 0.8,
     );
-    println!(
-        "  idle memory vs haproxy      {:.2}",
-        w.idle_kib_per_session / hp.idle_kib_per_session
+    let r = w.idle_kib_per_session / hp.idle_kib_per_session;
+    check(
+        "idle memory per session, wsbroker / haproxy",
+        r,
+        "<= 1",
+        r <= 1.0,
     );
-    let json: Vec<_> = results
-        .iter()
-        .map(|(n, r)| serde_json::json!({"target": n, "result": r}))
-        .collect();
-    let _ = std::fs::write(
-        "target/compare.json",
-        serde_json::to_string_pretty(&json).unwrap_or_default(),
+    let r = hop.rtt_msgs_per_s / chain.rtt_msgs_per_s;
+    check(
+        "hop round-trip msg/s, hop / nginx+wsbroker",
+        r,
+        ">= 0.9",
+        r >= 0.9,
     );
-    // nginx's workers outlive a killed master: end every process we started.
-    for t in &targets {
-        for pid in (t.pids)() {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        }
-    }
-    stop.cancel();
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2,7 +2,8 @@
 //! and CPU/memory readings from /proc.
 #![allow(dead_code)]
 
-use std::process::Child;
+use std::path::PathBuf;
+use std::process::{Child, Command};
 
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
@@ -39,4 +40,19 @@ pub fn proc_stat(pid: u32) -> (f64, u64) {
             .unwrap_or(0.0)
     };
     ((f(11) + f(12)) / 100.0, f(21) as u64 * 4)
+}
+
+/// The Valkey server binary: WSBROKER_VALKEY_BIN, or `scripts/find-valkey`.
+pub fn valkey_binary() -> PathBuf {
+    if let Ok(bin) = std::env::var("WSBROKER_VALKEY_BIN") {
+        return PathBuf::from(bin);
+    }
+    let out = Command::new("scripts/find-valkey")
+        .output()
+        .expect("run scripts/find-valkey");
+    assert!(
+        out.status.success(),
+        "no Valkey server: run scripts/find-valkey or set WSBROKER_VALKEY_BIN"
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
