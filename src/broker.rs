@@ -15,7 +15,7 @@ use crate::control::registry::valkey::Member;
 use crate::control::registry::Registry;
 use crate::control::upstreams::Upstreams;
 use crate::proxy::hop::HopKeys;
-use crate::proxy::session::SessionTable;
+use crate::proxy::session::{Cmd, EndReason, SessionTable};
 
 pub struct Broker {
     pub config: Arc<Config>,
@@ -43,6 +43,18 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// Ends every session now with the drain close codes (after the
+    /// drain window; drivers do not watch `shutdown`, which would cost
+    /// every relayed message a lock).
+    pub fn end_all_sessions(&self) {
+        for s in self.sessions.all() {
+            s.try_send(Cmd::End {
+                reason: &EndReason::DRAIN,
+                after: std::time::Duration::ZERO,
+            });
+        }
+    }
+
     pub fn new(config: Arc<Config>, upstreams: Upstreams, registry: Registry) -> Arc<Broker> {
         let hops = match &registry {
             Registry::Valkey(_) => Some(HopKeys::new(&config.cluster.secret)),

@@ -128,6 +128,7 @@ impl Node {
         drain::drain(&self.broker).await;
         self.broker.shutdown.cancel();
         self.listeners.cancel();
+        self.broker.end_all_sessions();
         self.broker.tasks.close();
         // Tasks select on `shutdown`; the bound covers close handshakes.
         let _ =

@@ -151,6 +151,14 @@ impl Upstreams {
     /// Upstreams that may take a new session, best first. `prefer` (a
     /// session's previous upstream) goes first when it is available.
     pub fn candidates(&self, session_id: &str, prefer: Option<&str>) -> Vec<Arc<Upstream>> {
+        let mut out = self.order(session_id);
+        prefer_first(&mut out, prefer);
+        out
+    }
+
+    /// The upstreams to try for a new session, best first (advances the
+    /// round-robin rotation: call once per session).
+    pub fn order(&self, session_id: &str) -> Vec<Arc<Upstream>> {
         let n = self.list.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut out: Vec<Arc<Upstream>> = (0..n)
@@ -163,12 +171,6 @@ impl Upstreams {
             Balance::LeastConn => out.sort_by_key(|u| u.sessions()),
             Balance::Hash => {
                 out.sort_by_key(|u| std::cmp::Reverse(rendezvous_score(session_id, &u.url.url)))
-            }
-        }
-        if let Some(prefer) = prefer {
-            if let Some(i) = out.iter().position(|u| u.url.url == prefer) {
-                let u = out.remove(i);
-                out.insert(0, u);
             }
         }
         out
@@ -258,6 +260,16 @@ fn rendezvous_score(session_id: &str, upstream: &str) -> u64 {
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^ (h >> 33)
+}
+
+/// Moves the upstream a session is bound to (when usable) to the front.
+pub fn prefer_first(list: &mut Vec<Arc<Upstream>>, prefer: Option<&str>) {
+    if let Some(prefer) = prefer {
+        if let Some(i) = list.iter().position(|u| u.url.url == prefer) {
+            let u = list.remove(i);
+            list.insert(0, u);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -5,16 +5,18 @@
 //! clients never interleave. A Close frame, a protocol fault or the end of
 //! the connection is reported to the driver, which decides what follows.
 
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::time::Instant;
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use super::buffer::ReadBuffer;
 use super::frame::{self, Event, FrameScanner};
-use super::io::{ClientIo, UpstreamIo};
+use super::io::{ReadSide, WriteSide};
 use super::session::{Cmd, Session};
 use crate::broker::Broker;
 
@@ -24,7 +26,7 @@ const KICK_GRACE: Duration = Duration::from_secs(2);
 /// The upstream connection's write half, shared by a session's readers and
 /// its driver; holding the lock means owning the upstream message stream.
 pub struct UpstreamWriter {
-    pub io: WriteHalf<UpstreamIo>,
+    pub io: WriteSide,
     /// Bytes of a frame are partly written: no frame may be injected now.
     pub mid_frame: bool,
 }
@@ -40,45 +42,85 @@ pub struct Reader {
     pub kicked: CancellationToken,
 }
 
+/// Waits for an optional timer; never completes without one.
+async fn maybe_sleep(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What woke the reader.
+enum Wake {
+    Read(std::io::Result<usize>),
+    Stopped,
+    Kicked,
+    KickExpired,
+}
+
 impl Reader {
-    pub async fn run(self, mut rd: ReadHalf<ClientIo>) {
+    pub async fn run(self, mut rd: ReadSide, leftover: Bytes) {
         let max = self.broker.config.limits.max_message_size;
         let mut scanner = FrameScanner::new(true, max);
-        let mut rb = ReadBuffer::default();
-        let mut events = Vec::new();
+        let mut rb = ReadBuffer::with_bytes(&leftover);
+        drop(leftover);
+        let mut events = Vec::with_capacity(2);
         let mut guard: Option<tokio::sync::OwnedMutexGuard<UpstreamWriter>> = None;
-        let mut kick_deadline: Option<Instant> = None;
-        let stopped = self.session.stopped.clone();
+        // Created once: waiting on them costs nothing per message.
+        let stopped_token = self.session.stopped.clone();
+        let mut stopped = pin!(stopped_token.cancelled());
+        let mut kicked = pin!(self.kicked.cancelled());
+        let mut was_kicked = false;
+        let mut kick_deadline: Option<Pin<Box<Sleep>>> = None;
+        let mut pending = !rb.buf.is_empty();
         loop {
-            let kicked_now = self.kicked.is_cancelled();
-            if kicked_now && guard.is_none() {
-                linger(&mut rd).await;
+            if was_kicked && guard.is_none() {
+                // Kicked, and no message of ours is half-sent upstream.
+                Box::pin(linger(&mut rd)).await;
                 return;
             }
-            if kicked_now && kick_deadline.is_none() {
-                kick_deadline = Some(Instant::now() + KICK_GRACE);
-            }
-            rb.prepare();
-            let far = Instant::now() + Duration::from_secs(3600);
-            let read = tokio::select! {
-                biased;
-                _ = stopped.cancelled() => {
+            let wake = if pending {
+                pending = false;
+                Wake::Read(Ok(rb.buf.len()))
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = stopped.as_mut() => Wake::Stopped,
+                    _ = kicked.as_mut(), if !was_kicked => Wake::Kicked,
+                    _ = maybe_sleep(&mut kick_deadline) => Wake::KickExpired,
+                    r = rd.read_into(&mut rb) => Wake::Read(r),
+                }
+            };
+            match wake {
+                Wake::Stopped => {
                     drop(guard);
-                    linger(&mut rd).await;
+                    Box::pin(linger(&mut rd)).await;
                     return;
                 }
-                _ = self.kicked.cancelled(), if !kicked_now => continue,
-                _ = tokio::time::sleep_until(kick_deadline.unwrap_or(far)), if kick_deadline.is_some() => {
+                Wake::Kicked => {
+                    was_kicked = true;
+                    if guard.is_none() {
+                        Box::pin(linger(&mut rd)).await;
+                        return;
+                    }
+                    kick_deadline = Some(Box::pin(tokio::time::sleep_until(
+                        Instant::now() + KICK_GRACE,
+                    )));
+                    continue;
+                }
+                Wake::KickExpired => {
                     // Kicked inside a message that never finished: the upstream
                     // stream is torn and the session cannot go on.
-                    self.report(Cmd::ClientGone { client: self.client, torn: true, mid_frame: !scanner.at_frame_boundary() }).await;
+                    self.report(Cmd::ClientGone {
+                        client: self.client,
+                        torn: true,
+                        mid_frame: !scanner.at_frame_boundary(),
+                    })
+                    .await;
                     return;
                 }
-                r = rd.read_buf(&mut rb.buf) => r,
-            };
-            match read {
-                Ok(n) if n > 0 => rb.filled(n),
-                _ => {
+                Wake::Read(Ok(n)) if n > 0 => {}
+                Wake::Read(_) => {
                     let torn = !scanner.at_message_boundary();
                     let mid_frame = !scanner.at_frame_boundary();
                     drop(guard);
@@ -91,7 +133,7 @@ impl Reader {
                     return;
                 }
             }
-            let buf = &mut rb.buf;
+            let buf = &rb.buf;
             events.clear();
             let (valid, fault) = match scanner.scan(buf, &mut events) {
                 Ok(n) => (n, None),
@@ -108,16 +150,21 @@ impl Reader {
             let upto = close.map(|(at, _)| at).unwrap_or(valid);
             if upto > 0 {
                 if guard.is_none() {
-                    guard = tokio::select! {
-                        g = self.upstream.clone().lock_owned() => Some(g),
-                        _ = stopped.cancelled() => return,
+                    guard = match self.upstream.clone().try_lock_owned() {
+                        Ok(g) => Some(g),
+                        Err(_) => tokio::select! {
+                            biased;
+                            g = self.upstream.clone().lock_owned() => Some(g),
+                            _ = stopped.as_mut() => return,
+                        },
                     };
                 }
                 let Some(w) = guard.as_mut() else { return };
                 w.mid_frame = true;
                 let written = tokio::select! {
+                    biased;
                     r = w.io.write_all(&buf[..upto]) => r.is_ok(),
-                    _ = stopped.cancelled() => return,
+                    _ = stopped.as_mut() => return,
                 };
                 if !written {
                     // The upstream is gone; the driver sees it on its side.
@@ -157,7 +204,8 @@ impl Reader {
                 .await;
                 return;
             }
-            let _ = buf.split_to(valid);
+            rb.consume(valid);
+            rb.release();
             if scanner.at_message_boundary() {
                 guard = None;
             }
@@ -165,8 +213,8 @@ impl Reader {
     }
 
     async fn report(&self, cmd: Cmd) {
-        // A stopped driver needs no report.
-        let _ = self.session.send(cmd).await;
+        // A stopped driver needs no report. Rare: boxed to keep the task small.
+        let _ = Box::pin(self.session.send(cmd)).await;
     }
 }
 

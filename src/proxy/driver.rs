@@ -12,9 +12,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
-use tokio::time::{sleep_until, Instant};
+use std::future::Future;
+use std::pin::{pin, Pin};
+use std::task::Poll;
+
+use tokio::io::AsyncWriteExt;
+use tokio::time::{sleep_until, Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use bytes::BytesMut;
@@ -22,7 +25,7 @@ use bytes::BytesMut;
 use super::buffer::ReadBuffer;
 use super::client_reader::{self, SharedUpstream, UpstreamWriter};
 use super::frame::{self, Event, FrameError, FrameScanner};
-use super::io::{ClientIo, UpstreamIo};
+use super::io::{self, ClientIo, ReadSide, UpstreamIo, WriteSide};
 use super::session::{Cmd, ConnGuard, EndReason, Session};
 use crate::broker::Broker;
 use crate::clock;
@@ -38,7 +41,7 @@ const MAX_PENDING_SENDS: usize = 64;
 /// One attached client, seen from the driver.
 struct Client {
     id: u64,
-    writer: WriteHalf<ClientIo>,
+    writer: WriteSide,
     /// Cancelled when the client is replaced or closed by the broker: its
     /// reader stops forwarding and its writes stop waiting.
     kicked: CancellationToken,
@@ -97,8 +100,7 @@ const CLIENT_LEFT: EndReason = EndReason {
 pub struct Driver {
     broker: Arc<Broker>,
     session: Arc<Session>,
-    rx: mpsc::Receiver<Cmd>,
-    up_read: ReadHalf<UpstreamIo>,
+    up_read: ReadSide,
     up_write: SharedUpstream,
     _lease: UpstreamLease,
     clients: Vec<Client>,
@@ -114,18 +116,28 @@ pub struct Driver {
     closing_deadline: Option<Instant>,
     /// A scheduled end (drain jitter).
     end_at: Option<(Instant, EndReason)>,
+    /// When to look at the idle timeout next (activity only moves it later,
+    /// so the timer is re-armed when it fires, not on every message).
+    idle_check: Instant,
+}
+
+/// What woke the driver.
+enum Wake {
+    Cmd(Cmd),
+    Upstream(std::io::Result<usize>),
+    Timer,
 }
 
 impl Driver {
     pub fn new(
         broker: Arc<Broker>,
         session: Arc<Session>,
-        rx: mpsc::Receiver<Cmd>,
         upstream: UpstreamIo,
         leftover: BytesMut,
         lease: UpstreamLease,
     ) -> Driver {
-        let (up_read, up_write) = tokio::io::split(upstream);
+        let (up_read, up_write) = upstream.into_sides();
+        let idle_check = Instant::now() + broker.config.session.idle_timeout;
         let max = broker.config.limits.max_message_size;
         let buf = ReadBuffer::with_bytes(&leftover);
         let first_attach_window =
@@ -133,7 +145,6 @@ impl Driver {
         Driver {
             broker,
             session,
-            rx,
             up_read,
             up_write: Arc::new(tokio::sync::Mutex::new(UpstreamWriter {
                 io: up_write,
@@ -144,7 +155,7 @@ impl Driver {
             next_client: 0,
             scanner: FrameScanner::new(false, max),
             buf,
-            events: Vec::new(),
+            events: Vec::with_capacity(2),
             // Until the first client's upgrade completes, upstream messages
             // (a greeting, say) are kept exactly as for a resuming client.
             detached: Some(Detached {
@@ -156,6 +167,7 @@ impl Driver {
             upstream_closed: false,
             closing_deadline: None,
             end_at: None,
+            idle_check,
         }
     }
 
@@ -165,7 +177,7 @@ impl Driver {
         let stop = if self.buf.buf.is_empty() {
             self.run_loop().await
         } else {
-            match self.on_upstream_bytes().await {
+            match Box::pin(self.on_upstream_bytes()).await {
                 Some(stop) => stop,
                 None => self.run_loop().await,
             }
@@ -173,65 +185,99 @@ impl Driver {
         // Refuse new attaches and stop the readers before closing: a new
         // upgrade for this id now creates a fresh session.
         self.session.mark_ended();
+        self.session.close_commands();
         self.session.stopped.cancel();
         self.broker.sessions.remove(&self.session);
-        self.finish(stop).await;
-        self.broker
-            .registry
-            .session_ended(&self.session.id, self.session.epoch)
-            .await;
+        // Rare and large: boxed so that an idle session's task stays small.
+        Box::pin(self.finish(stop)).await;
+        Box::pin(
+            self.broker
+                .registry
+                .session_ended(&self.session.id, self.session.epoch),
+        )
+        .await;
         self.broker.metrics.sessions_active.dec();
         tracing::debug!(session = %self.session.id, "session ended");
     }
 
-    async fn run_loop(&mut self) -> Stop {
-        let idle = self.broker.config.session.idle_timeout;
-        let far = Instant::now() + Duration::from_secs(86_400 * 365);
-        loop {
-            self.buf.prepare();
+    /// The earliest deadline: idle check, resume grace, scheduled end,
+    /// close handshake.
+    fn next_deadline(&self) -> Instant {
+        let mut at = self.idle_check;
+        for t in [
+            self.detached.as_ref().map(|d| d.deadline),
+            self.end_at.as_ref().map(|(t, _)| *t),
+            self.closing_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            at = at.min(t);
+        }
+        at
+    }
+
+    /// One timer serves every deadline; returns why the session stops, if
+    /// a deadline has passed.
+    fn on_timer(&mut self) -> Option<Stop> {
+        let now = Instant::now();
+        if self.closing_deadline.is_some_and(|t| t <= now) {
+            return Some(Stop::Done);
+        }
+        if self.detached.as_ref().is_some_and(|d| d.deadline <= now) {
+            return Some(Stop::End(RESUME_EXPIRED));
+        }
+        if self.end_at.as_ref().is_some_and(|(t, _)| *t <= now) {
+            let reason = self
+                .end_at
+                .take()
+                .map(|(_, r)| r)
+                .unwrap_or(EndReason::DRAIN);
+            return Some(Stop::End(reason));
+        }
+        if self.idle_check <= now {
             let last = self.session.last_active_ms.load(Ordering::Relaxed);
-            let idle_at = clock::instant_at(last) + idle;
-            let grace_at = self.detached.as_ref().map(|d| d.deadline);
-            let end_at = self.end_at.as_ref().map(|(t, _)| *t);
-            tokio::select! {
+            let idle_at = clock::instant_at(last) + self.broker.config.session.idle_timeout;
+            if idle_at <= now {
+                return Some(Stop::End(EndReason::IDLE));
+            }
+            self.idle_check = idle_at;
+        }
+        None
+    }
+
+    async fn run_loop(&mut self) -> Stop {
+        let mut armed = self.next_deadline();
+        let mut timer: Pin<Box<Sleep>> = Box::pin(sleep_until(armed));
+        loop {
+            let due = self.next_deadline();
+            if due != armed {
+                timer.as_mut().reset(due);
+                armed = due;
+            }
+            let wake = tokio::select! {
                 biased;
-                cmd = self.rx.recv() => match cmd {
-                    Some(cmd) => {
-                        if let Some(stop) = self.on_cmd(cmd).await {
-                            return stop;
-                        }
-                    }
-                    // The session itself holds a sender: this cannot happen.
-                    None => return Stop::Done,
-                },
-                r = self.up_read.read_buf(&mut self.buf.buf) => match r {
-                    Ok(0) | Err(_) => {
-                        return if self.upstream_closed { Stop::Done } else { Stop::UpstreamLost };
-                    }
-                    Ok(n) => {
-                        self.buf.filled(n);
-                        if let Some(stop) = self.on_upstream_bytes().await {
-                            return stop;
-                        }
-                    }
-                },
-                _ = sleep_until(grace_at.unwrap_or(far)), if grace_at.is_some() => {
-                    return Stop::End(RESUME_EXPIRED);
+                cmd = self.session.next_cmd() => Wake::Cmd(cmd),
+                r = self.up_read.read_into(&mut self.buf) => Wake::Upstream(r),
+                _ = timer.as_mut() => Wake::Timer,
+            };
+            let stop = match wake {
+                // Commands are rare and their handling large: boxed.
+                Wake::Cmd(cmd) => Box::pin(self.on_cmd(cmd)).await,
+                Wake::Upstream(Ok(n)) if n > 0 => {
+                    let stop = self.on_upstream_bytes().await;
+                    self.buf.release();
+                    stop
                 }
-                _ = sleep_until(end_at.unwrap_or(far)), if end_at.is_some() => {
-                    let reason = self.end_at.take().map(|(_, r)| r).unwrap_or(EndReason::DRAIN);
-                    return Stop::End(reason);
-                }
-                _ = sleep_until(self.closing_deadline.unwrap_or(far)), if self.closing_deadline.is_some() => {
-                    return Stop::Done;
-                }
-                _ = sleep_until(idle_at) => {
-                    let last = self.session.last_active_ms.load(Ordering::Relaxed);
-                    if clock::instant_at(last) + idle <= Instant::now() {
-                        return Stop::End(EndReason::IDLE);
-                    }
-                }
-                _ = self.broker.shutdown.cancelled() => return Stop::End(EndReason::DRAIN),
+                Wake::Upstream(_) => Some(if self.upstream_closed {
+                    Stop::Done
+                } else {
+                    Stop::UpstreamLost
+                }),
+                Wake::Timer => self.on_timer(),
+            };
+            if let Some(stop) = stop {
+                return stop;
             }
         }
     }
@@ -262,10 +308,12 @@ impl Driver {
                 .filter(|e| matches!(e, Event::MessageEnd { .. }))
                 .count();
             m.messages.downstream.inc_by(ended as u64);
-            let chunk = self.buf.buf.split_to(valid);
+            let data = std::mem::take(&mut self.buf.buf);
             let events = std::mem::take(&mut self.events);
-            let stop = self.deliver(&chunk, &events).await;
+            let stop = self.deliver(&data[..valid], &events).await;
             self.events = events;
+            self.buf.buf = data;
+            self.buf.consume(valid);
             if stop.is_some() {
                 return stop;
             }
@@ -385,11 +433,24 @@ impl Driver {
         let stall = self.broker.config.session.idle_timeout;
         let mut failed = Vec::new();
         for c in self.clients.iter_mut().filter(|c| all || c.synced) {
-            let ok = tokio::select! {
-                biased;
-                r = c.writer.write_all(bytes) => r.is_ok(),
-                _ = c.kicked.cancelled() => false,
-                _ = tokio::time::sleep(stall) => false,
+            let mut write = pin!(c.writer.write_all(bytes));
+            // Most writes complete at once: no timer or token for those.
+            let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+            let ok = match first {
+                Poll::Ready(r) => r.is_ok(),
+                // A slow client: bounded by the stall timeout; boxed, as
+                // the timer is large and rarely needed.
+                Poll::Pending => {
+                    Box::pin(async {
+                        tokio::select! {
+                            biased;
+                            r = write.as_mut() => r.is_ok(),
+                            _ = c.kicked.cancelled() => false,
+                            _ = tokio::time::sleep(stall) => false,
+                        }
+                    })
+                    .await
+                }
             };
             if !ok {
                 failed.push(c.id);
@@ -501,7 +562,7 @@ impl Driver {
         conn: ConnGuard,
     ) -> Option<Stop> {
         self.session.mark_attached();
-        let (rd, writer) = tokio::io::split(io);
+        let (rd, writer, leftover) = io::client_sides(io);
         let id = self.next_client;
         self.next_client += 1;
         let mut client = Client {
@@ -544,6 +605,8 @@ impl Driver {
             }
             tracing::debug!(session = %self.session.id, replayed = d.buffer.len(), "client resumed");
         }
+        // Most sessions have one client: no room for more until needed.
+        self.clients.reserve_exact(1);
         self.clients.push(client);
         let reader = client_reader::Reader {
             broker: self.broker.clone(),
@@ -552,7 +615,7 @@ impl Driver {
             upstream: self.up_write.clone(),
             kicked,
         };
-        self.broker.tasks.spawn(reader.run(rd));
+        self.broker.tasks.spawn(reader.run(rd, leftover));
         if self.scanner.at_message_boundary() && !self.pending_sends.is_empty() {
             self.flush_sends().await;
         }
@@ -671,7 +734,7 @@ impl Driver {
         if let Ok(mut w) = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, self.up_write.lock()).await {
             let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, w.io.shutdown()).await;
         }
-        client_reader::linger(&mut self.up_read).await;
+        Box::pin(client_reader::linger(&mut self.up_read)).await;
     }
 }
 

@@ -11,7 +11,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 
 use super::forward::forward;
 use super::hop::HOP_HEADER;
@@ -284,7 +283,7 @@ async fn upgrade(
     broker.tasks.spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                reservation.attach(TokioIo::new(upgraded), guard).await;
+                reservation.attach(upgraded, guard).await;
             }
             Err(e) => tracing::debug!(session = %session.id, error = %e, "client upgrade did not complete"),
         }

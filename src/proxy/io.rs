@@ -1,15 +1,25 @@
 //! The byte streams the relay moves data between: client connections (after
-//! hyper's upgrade) and upstream connections (plain TCP or TLS).
+//! hyper's upgrade) and upstream connections (plain TCP or TLS), split into
+//! a read side and a write side.
+//!
+//! On plain TCP the read side waits for readiness before it takes a read
+//! buffer, so a quiet connection holds no buffer at all (the way HAProxy
+//! keeps buffers only while data moves). TLS streams keep rustls's own
+//! buffers and are read through a small adaptive buffer.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-/// A client connection after the 101.
-pub type ClientIo = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+use super::buffer::ReadBuffer;
+
+/// A client connection after the 101, as hyper hands it over.
+pub type ClientIo = hyper::upgrade::Upgraded;
 
 /// A TCP connection, plain or inside TLS (`T` is the TLS stream type).
 pub enum MaybeTls<T> {
@@ -22,6 +32,125 @@ pub type UpstreamIo = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// A connection accepted on the public listener, before hyper sees it.
 pub type PublicStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// Any byte stream the relay can use (TLS, or hyper's upgraded wrapper).
+pub trait ByteStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> ByteStream for T {}
+
+type Boxed = Box<dyn ByteStream>;
+
+/// The read side of a relayed connection.
+pub enum ReadSide {
+    Tcp(OwnedReadHalf),
+    Stream(ReadHalf<Boxed>),
+}
+
+/// The write side of a relayed connection.
+pub enum WriteSide {
+    Tcp(OwnedWriteHalf),
+    Stream(WriteHalf<Boxed>),
+}
+
+impl<T: ByteStream + 'static> MaybeTls<T> {
+    /// Splits the connection into its two sides.
+    pub fn into_sides(self) -> (ReadSide, WriteSide) {
+        match self {
+            MaybeTls::Plain(tcp) => {
+                let (r, w) = tcp.into_split();
+                (ReadSide::Tcp(r), WriteSide::Tcp(w))
+            }
+            MaybeTls::Tls(s) => split_boxed(s),
+        }
+    }
+}
+
+fn split_boxed(s: Boxed) -> (ReadSide, WriteSide) {
+    let (r, w) = tokio::io::split(s);
+    (ReadSide::Stream(r), WriteSide::Stream(w))
+}
+
+/// Takes an upgraded client connection back from hyper: its two sides and
+/// any bytes hyper had already read past the handshake.
+pub fn client_sides(upgraded: ClientIo) -> (ReadSide, WriteSide, Bytes) {
+    match upgraded.downcast::<hyper_util::rt::TokioIo<PublicStream>>() {
+        Ok(parts) => {
+            let (r, w) = parts.io.into_inner().into_sides();
+            (r, w, parts.read_buf)
+        }
+        // Not our listener's stream type (cannot happen with our listener):
+        // relay through hyper's wrapper.
+        Err(upgraded) => {
+            let (r, w) = split_boxed(Box::new(hyper_util::rt::TokioIo::new(upgraded)));
+            (r, w, Bytes::new())
+        }
+    }
+}
+
+impl ReadSide {
+    /// Reads at least one byte into `rb` (0 at end of stream). On plain TCP
+    /// with nothing held, no buffer is taken until the socket is readable.
+    pub async fn read_into(&mut self, rb: &mut ReadBuffer) -> io::Result<usize> {
+        match self {
+            ReadSide::Tcp(r) => {
+                if rb.buf.is_empty() {
+                    // Nothing held: wait without a buffer.
+                    rb.release();
+                    r.readable().await?;
+                }
+                rb.prepare();
+                let n = r.read_buf(&mut rb.buf).await?;
+                rb.filled(n);
+                Ok(n)
+            }
+            ReadSide::Stream(r) => {
+                rb.prepare();
+                let n = r.read_buf(&mut rb.buf).await?;
+                rb.filled(n);
+                Ok(n)
+            }
+        }
+    }
+}
+
+impl AsyncRead for ReadSide {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadSide::Tcp(r) => Pin::new(r).poll_read(cx, buf),
+            ReadSide::Stream(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WriteSide {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteSide::Tcp(w) => Pin::new(w).poll_write(cx, buf),
+            WriteSide::Stream(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteSide::Tcp(w) => Pin::new(w).poll_flush(cx),
+            WriteSide::Stream(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteSide::Tcp(w) => Pin::new(w).poll_shutdown(cx),
+            WriteSide::Stream(w) => Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}
 
 impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
     fn poll_read(

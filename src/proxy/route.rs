@@ -14,6 +14,7 @@ use super::upstream_dial::{dial, DialError, DialRequest};
 use crate::broker::Broker;
 use crate::config::OnRegistryDown;
 use crate::control::registry::{Claim, RegistryError};
+use crate::control::upstreams::{prefer_first, Upstream};
 
 /// Why an upgrade could not be routed; each maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -164,7 +165,11 @@ async fn claim_and_create(
     req: &UpstreamRequest<'_>,
     hopped: bool,
 ) -> Result<Option<Decision>, RouteError> {
-    let (epoch, prefer, took_over) = match broker.registry.claim(id).await {
+    // The upstream this node would open goes into the claim itself: a new
+    // session costs one registry round trip.
+    let order = broker.upstreams.order(id);
+    let proposed = order.first().map(|u| u.url.url.as_str()).unwrap_or("");
+    let (epoch, prefer, took_over) = match broker.registry.claim(id, proposed).await {
         Ok(Claim::Owned {
             epoch,
             prefer,
@@ -194,7 +199,7 @@ async fn claim_and_create(
             OnRegistryDown::Reject => return Err(RouteError::RegistryDown(e)),
         },
     };
-    let reservation = create(broker, id, req, epoch, prefer.as_deref()).await?;
+    let reservation = create(broker, id, req, epoch, prefer.as_deref(), order).await?;
     if took_over {
         broker.metrics.migrations.inc();
         tracing::info!(session = %id, epoch, node = %broker.node_id, "session taken over");
@@ -212,6 +217,7 @@ async fn create(
     req: &UpstreamRequest<'_>,
     epoch: u64,
     prefer: Option<&str>,
+    mut order: Vec<Arc<Upstream>>,
 ) -> Result<Reservation, RouteError> {
     let mut headers = req.headers.clone();
     headers.push(("X-Session-Id".into(), id.to_string()));
@@ -221,7 +227,9 @@ async fn create(
         headers: &headers,
     };
     let upstreams = &broker.upstreams;
-    for u in upstreams.candidates(id, prefer) {
+    // `prefer`: the upstream on record (a taken-over session goes back to it).
+    prefer_first(&mut order, prefer);
+    for u in order {
         if !upstreams.begin_attempt(&u) {
             continue;
         }
@@ -251,8 +259,7 @@ async fn create(
             }
         };
         upstreams.record_success(&u);
-        let (session, rx) =
-            Session::new(id.clone(), epoch, u.url.url.clone(), conn.protocol.clone());
+        let session = Session::new(id.clone(), epoch, u.url.url.clone(), conn.protocol.clone());
         if let Err(existing) = broker.sessions.insert_new(&session) {
             // Cannot happen while creations are serialised per id; keep
             // the existing session and drop this upstream connection.
@@ -265,14 +272,7 @@ async fn create(
             broker.registry.set_upstream(id, epoch, &u.url.url).await;
         }
         let reservation = session.reserve(broker.config.session.attach);
-        let driver = Driver::new(
-            broker.clone(),
-            session,
-            rx,
-            conn.io,
-            conn.leftover,
-            u.lease(),
-        );
+        let driver = Driver::new(broker.clone(), session, conn.io, conn.leftover, u.lease());
         broker.tasks.spawn(driver.run());
         tracing::info!(session = %id, epoch, upstream = %u.url.url, node = %broker.node_id, "session created");
         return reservation.map_err(|_| RouteError::Contended);

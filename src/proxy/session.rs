@@ -4,14 +4,15 @@
 //! The driver (see `driver.rs`) owns the upstream connection and every
 //! client's write half; everything else talks to it through [`Cmd`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use dashmap::DashMap;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::io::ClientIo;
@@ -95,9 +96,6 @@ pub enum Cmd {
     },
 }
 
-// Commands are queued in per-session channels whose blocks hold 32 slots
-// each: large payloads are boxed so an idle session's channel stays small.
-
 /// A client joining a session.
 pub struct Attach {
     pub io: ClientIo,
@@ -151,7 +149,72 @@ pub struct Session {
     generation: Mutex<CancellationToken>,
     /// Fires when the driver stops: readers and pending attaches stop too.
     pub stopped: CancellationToken,
-    cmd: mpsc::Sender<Cmd>,
+    cmd: CmdQueue,
+}
+
+/// A session's command queue: bounded by [`CMD_QUEUE`], one consumer (the
+/// driver), and no memory of its own while empty (most sessions, most of
+/// the time).
+struct CmdQueue {
+    queue: Mutex<VecDeque<Cmd>>,
+    /// Wakes the driver; a notification sent while it is busy is kept.
+    ready: Notify,
+    /// Free places; closed once the driver stops.
+    space: Semaphore,
+    closed: AtomicBool,
+}
+
+impl CmdQueue {
+    fn new() -> CmdQueue {
+        CmdQueue {
+            queue: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+            space: Semaphore::new(CMD_QUEUE),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Cmd>> {
+        // A poisoned lock only means a panic elsewhere while it was held;
+        // the queue itself is always consistent.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, cmd: Cmd) -> bool {
+        {
+            let mut q = self.lock();
+            if self.closed.load(Ordering::Acquire) {
+                return false;
+            }
+            q.push_back(cmd);
+        }
+        self.ready.notify_one();
+        true
+    }
+
+    fn pop(&self) -> Option<Cmd> {
+        let mut q = self.lock();
+        let cmd = q.pop_front()?;
+        if q.is_empty() {
+            // Give the memory back: commands are rare.
+            *q = VecDeque::new();
+        }
+        drop(q);
+        self.space.add_permits(1);
+        Some(cmd)
+    }
+
+    /// Refuses further commands and drops queued ones (their senders see
+    /// the session gone).
+    fn close(&self) {
+        let dropped = {
+            let mut q = self.lock();
+            self.closed.store(true, Ordering::Release);
+            std::mem::take(&mut *q)
+        };
+        self.space.close();
+        drop(dropped);
+    }
 }
 
 /// The admin API's view of a session.
@@ -175,9 +238,8 @@ impl Session {
         epoch: u64,
         upstream: String,
         protocol: Option<String>,
-    ) -> (Arc<Session>, mpsc::Receiver<Cmd>) {
-        let (tx, rx) = mpsc::channel(CMD_QUEUE);
-        let session = Arc::new(Session {
+    ) -> Arc<Session> {
+        Arc::new(Session {
             id,
             epoch,
             upstream,
@@ -188,9 +250,8 @@ impl Session {
             attach: Mutex::new(AttachState::default()),
             generation: Mutex::new(CancellationToken::new()),
             stopped: CancellationToken::new(),
-            cmd: tx,
-        });
-        (session, rx)
+            cmd: CmdQueue::new(),
+        })
     }
 
     fn attach_state(&self) -> std::sync::MutexGuard<'_, AttachState> {
@@ -242,14 +303,42 @@ impl Session {
         self.attach_state().attached
     }
 
-    /// Asks the driver to do something; false when it has stopped.
+    /// Asks the driver to do something (waiting for room in the queue);
+    /// false when it has stopped.
     pub async fn send(&self, cmd: Cmd) -> bool {
-        self.cmd.send(cmd).await.is_ok()
+        match self.cmd.space.acquire().await {
+            Ok(permit) => {
+                permit.forget();
+                self.cmd.push(cmd)
+            }
+            Err(_) => false,
+        }
     }
 
     /// Like [`send`](Self::send) but never waits (for fan-out to many sessions).
     pub fn try_send(&self, cmd: Cmd) -> bool {
-        self.cmd.try_send(cmd).is_ok()
+        match self.cmd.space.try_acquire() {
+            Ok(permit) => {
+                permit.forget();
+                self.cmd.push(cmd)
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Driver side: the next command.
+    pub async fn next_cmd(&self) -> Cmd {
+        loop {
+            if let Some(cmd) = self.cmd.pop() {
+                return cmd;
+            }
+            self.cmd.ready.notified().await;
+        }
+    }
+
+    /// Driver side: the driver has stopped; later commands are refused.
+    pub fn close_commands(&self) {
+        self.cmd.close();
     }
 
     pub fn info(&self, owner: &str) -> SessionInfo {

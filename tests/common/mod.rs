@@ -431,6 +431,7 @@ impl Drop for TestNode {
     fn drop(&mut self) {
         if let Some(n) = &self.node {
             n.broker.shutdown.cancel();
+            n.broker.end_all_sessions();
         }
     }
 }

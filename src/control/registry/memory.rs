@@ -13,12 +13,15 @@ pub struct MemoryRegistry {
 }
 
 impl MemoryRegistry {
-    pub fn claim(&self, session: &str) -> Claim {
+    pub fn claim(&self, session: &str, proposed: &str) -> Claim {
         let mut entry = self
             .sessions
             .entry(session.to_string())
             .or_insert((0, None));
         entry.0 += 1;
+        if entry.1.is_none() && !proposed.is_empty() {
+            entry.1 = Some(proposed.to_string());
+        }
         Claim::Owned {
             epoch: entry.0,
             prefer: entry.1.clone(),
@@ -54,7 +57,7 @@ mod tests {
     #[test]
     fn ended_sessions_leave_no_entry() {
         let r = MemoryRegistry::default();
-        let Claim::Owned { epoch, .. } = r.claim("s") else {
+        let Claim::Owned { epoch, .. } = r.claim("s", "") else {
             panic!("memory claims always succeed")
         };
         assert_eq!(epoch, 1);
@@ -66,8 +69,8 @@ mod tests {
     #[test]
     fn a_stale_end_does_not_remove_a_newer_claim() {
         let r = MemoryRegistry::default();
-        r.claim("s");
-        let Claim::Owned { epoch, .. } = r.claim("s") else {
+        r.claim("s", "");
+        let Claim::Owned { epoch, .. } = r.claim("s", "") else {
             panic!("memory claims always succeed")
         };
         assert_eq!(epoch, 2);

@@ -120,11 +120,14 @@ impl Registry {
         }
     }
 
-    /// Claims `session` for this node, or says who owns it.
-    pub async fn claim(&self, session: &str) -> Result<Claim, RegistryError> {
+    /// Claims `session` for this node, or says who owns it. `proposed`:
+    /// the upstream this node would open, recorded in the same step when
+    /// the session has none ("" for none); the claim's `prefer` is then
+    /// the upstream on record.
+    pub async fn claim(&self, session: &str, proposed: &str) -> Result<Claim, RegistryError> {
         match self {
-            Registry::Memory(m) => Ok(m.claim(session)),
-            Registry::Valkey(v) => v.registry.claim(session, !v.holding_off()).await,
+            Registry::Memory(m) => Ok(m.claim(session, proposed)),
+            Registry::Valkey(v) => v.registry.claim(session, !v.holding_off(), proposed).await,
         }
     }
 

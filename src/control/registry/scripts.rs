@@ -6,7 +6,9 @@
 
 /// Claim a session for ARGV[1], or say who owns it.
 /// KEYS: session, my node-sessions set. ARGV: me, node key prefix,
-/// session id, allow takeover ("1"/"0"), my live sessions' upstream hint.
+/// session id, allow takeover ("1"/"0"), the upstream this node would
+/// open (recorded when the session has none yet, so a new session costs
+/// one round trip).
 /// Returns {verdict, epoch, upstream, detail}: verdict is new | takeover |
 /// mine | owned (detail = owner's node record) | wait (owner not live, but
 /// takeovers are on hold).
@@ -30,6 +32,7 @@ if owner ~= '' then
   end
 end
 epoch = epoch + 1
+if up == '' then up = ARGV[5] end
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. epoch .. '|' .. up)
 redis.call('SADD', KEYS[2], ARGV[3])
 if owner ~= '' then

@@ -337,7 +337,12 @@ impl ValkeyRegistry {
         .map(|_| ())
     }
 
-    pub async fn claim(&self, sid: &str, allow_takeover: bool) -> Result<Claim, RegistryError> {
+    pub async fn claim(
+        &self,
+        sid: &str,
+        allow_takeover: bool,
+        proposed: &str,
+    ) -> Result<Claim, RegistryError> {
         let keys = [self.keys.session(sid), self.keys.node_sessions(&self.me.id)];
         let allow = if allow_takeover { "1" } else { "0" };
         let args = [
@@ -345,6 +350,7 @@ impl ValkeyRegistry {
             self.keys.node_prefix(),
             sid.to_string(),
             allow.to_string(),
+            proposed.to_string(),
         ];
         let (verdict, epoch, upstream, detail): (String, u64, String, String) =
             self.eval(&self.claim, &keys, &args).await?;
