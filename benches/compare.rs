@@ -9,7 +9,9 @@
 //! apt-get when missing, needs Valkey as `scripts/find-valkey` finds it;
 //! `-- --quick` for a seconds-long smoke). Prints one table and writes
 //! `target/compare.json`. `WSBROKER_BENCH_WRAP="valgrind --tool=callgrind"`
-//! runs the single wsbroker node under a profiler.
+//! runs the single wsbroker node under a profiler;
+//! `WSBROKER_BENCH_WORKERS=N` sets the wsbroker nodes' worker threads;
+//! `-- --only wsbroker,nginx` measures only the targets named.
 
 mod common;
 
@@ -68,7 +70,12 @@ struct Target {
 impl Drop for Target {
     // nginx's workers outlive a killed master: end every process started.
     fn drop(&mut self) {
-        for pid in (self.pids)() {
+        let own: Vec<u32> = self
+            ._procs
+            .iter()
+            .flat_map(|p| children_of(p.0.id()))
+            .collect();
+        for pid in own {
             let _ = Command::new("kill")
                 .args(["-9", &pid.to_string()])
                 .stderr(Stdio::null())
@@ -142,6 +149,9 @@ fn spawn_wsbroker(
         }
         None => Command::new(env!("CARGO_BIN_EXE_wsbroker")),
     };
+    if let Ok(n) = std::env::var("WSBROKER_BENCH_WORKERS") {
+        cmd.env("TOKIO_WORKER_THREADS", n);
+    }
     let child = cmd
         .args(["run", "--config"])
         .arg(&path)
@@ -593,7 +603,7 @@ fn main() {
             tp_clients: 16,
             tp_messages: 3000,
             tp_in_flight: 8,
-            handshakes: 2000,
+            handshakes: 6000,
             parallel: 16,
             idle: 10_000.min(idle_max),
         }
@@ -636,6 +646,14 @@ async fn run(s: Settings, fds: u64) {
         start_nginx(&dir, "nginx+wsbroker", single_addr, Some(single_pid)),
         hop,
     ];
+    let only: Option<Vec<String>> = std::env::args()
+        .skip_while(|a| a != "--only")
+        .nth(1)
+        .map(|list| list.split(',').map(str::to_string).collect());
+    let targets: Vec<Target> = targets
+        .into_iter()
+        .filter(|t| only.as_ref().is_none_or(|o| o.iter().any(|n| n == t.name)))
+        .collect();
     for t in &targets {
         wait_ready(t).await;
     }

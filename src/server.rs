@@ -80,6 +80,12 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         broker
             .tasks
             .spawn(membership::run(broker.clone(), listeners.clone()));
+        let ends = broker.clone();
+        broker.tasks.spawn(async move {
+            if let Some(v) = ends.registry.valkey() {
+                v.write_ends(ends.shutdown.clone()).await;
+            }
+        });
     } else {
         broker.lifecycle.set_running();
     }

@@ -299,3 +299,65 @@ async fn messages_the_upstream_starts_reach_the_client_in_order() {
         assert_eq!(next_data(&mut ws).await, Message::text(format!("msg-{i}")));
     }
 }
+
+#[tokio::test]
+async fn frames_sent_right_behind_the_upgrade_request_are_relayed() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "").await;
+    let mut s = tokio::net::TcpStream::connect(node.public)
+        .await
+        .expect("connect");
+    // The request head and a first message in one write: the message
+    // arrives before the client has seen its 101.
+    let mut bytes = b"GET /?session=eager HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".to_vec();
+    bytes.extend(frame::encode_frame(frame::OP_TEXT, b"early", true));
+    s.write_all(&bytes).await.expect("write");
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let echoed = loop {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+            .await
+            .expect("101 and the echo within 5 s")
+            .expect("read");
+        assert!(n > 0, "closed early");
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        assert!(buf.starts_with(b"HTTP/1.1 101"), "expected a 101");
+        let rest = &buf[end + 4..];
+        if let Some(h) = frame::parse_header(rest) {
+            let len = h.header_len + h.payload_len as usize;
+            if rest.len() >= len {
+                break frame::frame_payload(&rest[..len]);
+            }
+        }
+    };
+    assert_eq!(echoed, b"early");
+    assert_eq!(up.messages_for("eager"), vec![Message::text("early")]);
+}
+
+#[tokio::test]
+async fn a_refused_upgrade_is_answered_and_the_connection_closed() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "").await;
+    let mut s = tokio::net::TcpStream::connect(node.public)
+        .await
+        .expect("connect");
+    s.write_all(b"GET /?session=bad HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n\r\n")
+        .await
+        .expect("write");
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
+        .await
+        .expect("closed within 5 s")
+        .expect("read");
+    let text = String::from_utf8_lossy(&all).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 400"), "got {text}");
+    assert!(text.contains("connection: close"), "got {text}");
+    assert!(
+        text.contains("sec-websocket-key"),
+        "the reason names the key: {text}"
+    );
+}

@@ -58,49 +58,84 @@ enum Wake {
     KickExpired,
 }
 
+/// A running reader: everything lives in one heap block, so the task's
+/// future holds only a pointer to it.
+struct Running {
+    reader: Reader,
+    rd: ReadSide,
+    rb: ReadBuffer,
+    scanner: FrameScanner,
+    events: Vec<Event>,
+}
+
 impl Reader {
-    pub async fn run(self, mut rd: ReadSide, leftover: Bytes) {
+    /// The reader task for one client; `leftover`: bytes read past the
+    /// handshake.
+    pub fn run(
+        self,
+        rd: ReadSide,
+        leftover: Bytes,
+    ) -> impl std::future::Future<Output = ()> + Send {
         let max = self.broker.config.limits.max_message_size;
-        let mut scanner = FrameScanner::new(true, max);
-        let mut rb = ReadBuffer::with_bytes(&leftover);
-        drop(leftover);
-        let mut events = Vec::with_capacity(2);
+        let running = Box::new(Running {
+            reader: self,
+            rd,
+            rb: ReadBuffer::with_bytes(&leftover),
+            scanner: FrameScanner::new(true, max),
+            events: Vec::with_capacity(2),
+        });
+        running.run()
+    }
+
+    async fn report(&self, cmd: Cmd) {
+        // A stopped driver needs no report. Rare: boxed to keep the task small.
+        let _ = Box::pin(self.session.send(cmd)).await;
+    }
+}
+
+impl Running {
+    async fn run(mut self: Box<Self>) {
+        let this = &mut *self;
+        let me = &this.reader;
         let mut guard: Option<tokio::sync::OwnedMutexGuard<UpstreamWriter>> = None;
-        // Created once: waiting on them costs nothing per message.
-        let stopped_token = self.session.stopped.clone();
-        let mut stopped = pin!(stopped_token.cancelled());
-        let mut kicked = pin!(self.kicked.cancelled());
+        // The client's token fires on a kick and when the session stops
+        // (its parent): one waiter, created once, for both.
+        let kicked_token = me.kicked.clone();
+        let mut kicked = pin!(kicked_token.cancelled());
+        let stopped = &me.session.stopped;
         let mut was_kicked = false;
         let mut kick_deadline: Option<Pin<Box<Sleep>>> = None;
-        let mut pending = !rb.buf.is_empty();
+        let mut pending = !this.rb.buf.is_empty();
         loop {
             if was_kicked && guard.is_none() {
                 // Kicked, and no message of ours is half-sent upstream.
-                Box::pin(linger(&mut rd)).await;
+                Box::pin(linger(&mut this.rd)).await;
                 return;
             }
             let wake = if pending {
                 pending = false;
-                Wake::Read(Ok(rb.buf.len()))
+                Wake::Read(Ok(this.rb.buf.len()))
             } else {
                 tokio::select! {
                     biased;
-                    _ = stopped.as_mut() => Wake::Stopped,
-                    _ = kicked.as_mut(), if !was_kicked => Wake::Kicked,
+                    _ = kicked.as_mut(), if !was_kicked => {
+                        if stopped.is_cancelled() { Wake::Stopped } else { Wake::Kicked }
+                    }
+                    _ = stopped.cancelled(), if was_kicked => Wake::Stopped,
                     _ = maybe_sleep(&mut kick_deadline) => Wake::KickExpired,
-                    r = rd.read_into(&mut rb) => Wake::Read(r),
+                    r = this.rd.read_into(&mut this.rb) => Wake::Read(r),
                 }
             };
             match wake {
                 Wake::Stopped => {
                     drop(guard);
-                    Box::pin(linger(&mut rd)).await;
+                    Box::pin(linger(&mut this.rd)).await;
                     return;
                 }
                 Wake::Kicked => {
                     was_kicked = true;
                     if guard.is_none() {
-                        Box::pin(linger(&mut rd)).await;
+                        Box::pin(linger(&mut this.rd)).await;
                         return;
                     }
                     kick_deadline = Some(Box::pin(tokio::time::sleep_until(
@@ -111,21 +146,21 @@ impl Reader {
                 Wake::KickExpired => {
                     // Kicked inside a message that never finished: the upstream
                     // stream is torn and the session cannot go on.
-                    self.report(Cmd::ClientGone {
-                        client: self.client,
+                    me.report(Cmd::ClientGone {
+                        client: me.client,
                         torn: true,
-                        mid_frame: !scanner.at_frame_boundary(),
+                        mid_frame: !this.scanner.at_frame_boundary(),
                     })
                     .await;
                     return;
                 }
                 Wake::Read(Ok(n)) if n > 0 => {}
                 Wake::Read(_) => {
-                    let torn = !scanner.at_message_boundary();
-                    let mid_frame = !scanner.at_frame_boundary();
+                    let torn = !this.scanner.at_message_boundary();
+                    let mid_frame = !this.scanner.at_frame_boundary();
                     drop(guard);
-                    self.report(Cmd::ClientGone {
-                        client: self.client,
+                    me.report(Cmd::ClientGone {
+                        client: me.client,
                         torn,
                         mid_frame,
                     })
@@ -133,9 +168,10 @@ impl Reader {
                     return;
                 }
             }
-            let buf = &rb.buf;
+            let buf = &this.rb.buf;
+            let events = &mut this.events;
             events.clear();
-            let (valid, fault) = match scanner.scan(buf, &mut events) {
+            let (valid, fault) = match this.scanner.scan(buf, events) {
                 Ok(n) => (n, None),
                 Err(e) => (e.valid_upto(), Some(e)),
             };
@@ -150,12 +186,12 @@ impl Reader {
             let upto = close.map(|(at, _)| at).unwrap_or(valid);
             if upto > 0 {
                 if guard.is_none() {
-                    guard = match self.upstream.clone().try_lock_owned() {
+                    guard = match me.upstream.clone().try_lock_owned() {
                         Ok(g) => Some(g),
                         Err(_) => tokio::select! {
                             biased;
-                            g = self.upstream.clone().lock_owned() => Some(g),
-                            _ = stopped.as_mut() => return,
+                            g = me.upstream.clone().lock_owned() => Some(g),
+                            _ = stopped.cancelled() => return,
                         },
                     };
                 }
@@ -164,27 +200,28 @@ impl Reader {
                 let written = tokio::select! {
                     biased;
                     r = w.io.write_all(&buf[..upto]) => r.is_ok(),
-                    _ = stopped.as_mut() => return,
+                    _ = stopped.cancelled() => return,
                 };
                 if !written {
                     // The upstream is gone; the driver sees it on its side.
                     return;
                 }
-                w.mid_frame = close.is_none() && fault.is_none() && !scanner.at_frame_boundary();
-                let m = &self.broker.metrics;
+                w.mid_frame =
+                    close.is_none() && fault.is_none() && !this.scanner.at_frame_boundary();
+                let m = &me.broker.metrics;
                 m.bytes.upstream.inc_by(upto as u64);
                 let ended = events
                     .iter()
                     .filter(|e| matches!(e, Event::MessageEnd { at } if *at <= upto))
                     .count();
                 m.messages.upstream.inc_by(ended as u64);
-                self.session.touch();
+                me.session.touch();
             }
             if let Some((at, len)) = close {
                 drop(guard);
                 let close_frame = buf[at..at + len].to_vec();
-                self.report(Cmd::ClientClose {
-                    client: self.client,
+                me.report(Cmd::ClientClose {
+                    client: me.client,
                     frame: close_frame,
                 })
                 .await;
@@ -196,25 +233,20 @@ impl Reader {
                     frame::FrameError::TooBig { .. } => "message too big",
                     frame::FrameError::Protocol { reason, .. } => reason,
                 };
-                self.report(Cmd::ClientFault {
-                    client: self.client,
+                me.report(Cmd::ClientFault {
+                    client: me.client,
                     code: e.close_code(),
                     reason,
                 })
                 .await;
                 return;
             }
-            rb.consume(valid);
-            rb.release();
-            if scanner.at_message_boundary() {
+            this.rb.consume(valid);
+            this.rb.release();
+            if this.scanner.at_message_boundary() {
                 guard = None;
             }
         }
-    }
-
-    async fn report(&self, cmd: Cmd) {
-        // A stopped driver needs no report. Rare: boxed to keep the task small.
-        let _ = Box::pin(self.session.send(cmd)).await;
     }
 }
 

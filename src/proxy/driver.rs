@@ -25,7 +25,7 @@ use bytes::BytesMut;
 use super::buffer::ReadBuffer;
 use super::client_reader::{self, SharedUpstream, UpstreamWriter};
 use super::frame::{self, Event, FrameError, FrameScanner};
-use super::io::{self, ClientIo, ReadSide, UpstreamIo, WriteSide};
+use super::io::{ClientConn, ReadSide, UpstreamIo, WriteSide};
 use super::session::{Cmd, ConnGuard, EndReason, Session};
 use crate::broker::Broker;
 use crate::clock;
@@ -172,7 +172,13 @@ impl Driver {
     }
 
     /// Runs the session to its end, then cleans up after it.
-    pub async fn run(mut self) {
+    pub fn run(self) -> impl Future<Output = ()> + Send {
+        // The driver's state lives in its own heap block: the task's future
+        // then holds a pointer, not a second copy of it.
+        Box::new(self).run_boxed()
+    }
+
+    async fn run_boxed(mut self: Box<Self>) {
         self.broker.metrics.sessions_active.inc();
         let stop = if self.buf.buf.is_empty() {
             self.run_loop().await
@@ -322,7 +328,7 @@ impl Driver {
             return Some(Stop::UpstreamFault(e));
         }
         if self.scanner.at_message_boundary() && !self.pending_sends.is_empty() {
-            self.flush_sends().await;
+            Box::pin(self.flush_sends()).await;
         }
         None
     }
@@ -330,7 +336,8 @@ impl Driver {
     /// Relays one scanned chunk to the clients, or into the resume buffer.
     async fn deliver(&mut self, chunk: &[u8], events: &[Event]) -> Option<Stop> {
         if self.detached.is_some() {
-            return self.deliver_detached(chunk, events).await;
+            // Rare (no client attached): boxed to keep the session small.
+            return Box::pin(self.deliver_detached(chunk, events)).await;
         }
         for ev in events {
             if let Event::Control {
@@ -557,12 +564,16 @@ impl Driver {
 
     async fn attach(
         &mut self,
-        io: ClientIo,
+        io: ClientConn,
         kicked: CancellationToken,
         conn: ConnGuard,
     ) -> Option<Stop> {
         self.session.mark_attached();
-        let (rd, writer, leftover) = io::client_sides(io);
+        let ClientConn {
+            read: rd,
+            write: writer,
+            leftover,
+        } = io;
         let id = self.next_client;
         self.next_client += 1;
         let mut client = Client {

@@ -9,14 +9,15 @@ use http_body_util::Full;
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_util::sync::CancellationToken;
 
 use super::handshake::{text, Body, ConnInfo};
 use super::hop::HOP_HEADER;
-use super::io::{MaybeTls, UpstreamIo};
+use super::io::{ClientConn, MaybeTls, UpstreamIo};
+use super::session::ConnGuard;
 use crate::broker::Broker;
 use crate::control::metrics::UpgradeResult;
 
@@ -125,20 +126,72 @@ async fn open_hop(
     Ok((status, headers, io, rest))
 }
 
-/// Forwards the upgrade to the owner and, on its 101, tunnels bytes.
+/// The byte tunnel between a client and the owner node, once the client
+/// has its 101.
+pub struct Tunnel {
+    owner: UpstreamIo,
+    /// Bytes the owner sent after its 101.
+    rest: BytesMut,
+    stop: CancellationToken,
+    session: String,
+    _guard: ConnGuard,
+}
+
+impl Tunnel {
+    pub async fn run(self, client: ClientConn) {
+        let Tunnel {
+            owner,
+            rest,
+            stop,
+            session,
+            _guard,
+        } = self;
+        let ClientConn {
+            read: mut client_read,
+            write: mut client_write,
+            leftover,
+        } = client;
+        let (mut owner_read, mut owner_write) = owner.into_sides();
+        let to_owner = async {
+            if !leftover.is_empty() {
+                owner_write.write_all(&leftover).await?;
+            }
+            tokio::io::copy(&mut client_read, &mut owner_write).await?;
+            owner_write.shutdown().await
+        };
+        let to_client = async {
+            if !rest.is_empty() {
+                client_write.write_all(&rest).await?;
+            }
+            tokio::io::copy(&mut owner_read, &mut client_write).await?;
+            client_write.shutdown().await
+        };
+        tokio::select! {
+            r = async { tokio::try_join!(to_owner, to_client) } => {
+                tracing::debug!(session, result = ?r.map(|_| ()), "forwarded connection ended");
+            }
+            _ = stop.cancelled() => {}
+        }
+    }
+}
+
+/// Forwards the upgrade to the owner; on its 101, the tunnel to run once
+/// the client has the answer.
 pub async fn forward(
     broker: &Arc<Broker>,
-    parts: Parts,
-    on_upgrade: hyper::upgrade::OnUpgrade,
-    conn: Arc<ConnInfo>,
+    parts: &Parts,
+    conn: &Arc<ConnInfo>,
     session: &str,
     owner: &str,
     advertise: &str,
-) -> Response<Body> {
+) -> (Response<Body>, Option<Tunnel>) {
     let Some(hops) = broker.hops.as_ref() else {
-        return text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "503 Service Unavailable: no cluster secret",
+        return (
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "503 Service Unavailable: no cluster secret",
+            ),
+            None,
         );
     };
     let target = parts
@@ -150,21 +203,15 @@ pub async fn forward(
     let hop = hops.sign(&broker.node_id, &client, conn.tls, session, target);
     let timeout = broker.upstreams.connect_timeout();
     let (status, headers, mut io, mut rest) =
-        match tokio::time::timeout(timeout, open_hop(broker, advertise, &parts, &hop)).await {
+        match tokio::time::timeout(timeout, open_hop(broker, advertise, parts, &hop)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 tracing::warn!(session, owner, advertise, error = %e, "owner node unreachable");
-                return text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "503 Service Unavailable: session owner unreachable",
-                );
+                return (unreachable(), None);
             }
             Err(_) => {
                 tracing::warn!(session, owner, advertise, "owner node timed out");
-                return text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "503 Service Unavailable: session owner unreachable",
-                );
+                return (unreachable(), None);
             }
         };
     broker.metrics.forwarded.inc();
@@ -191,28 +238,23 @@ pub async fn forward(
         let _ = tokio::time::timeout(Duration::from_secs(1), io.read_buf(&mut rest)).await;
         rest.truncate(4096);
         *resp.body_mut() = Full::new(rest.freeze());
-        return resp;
+        return (resp, None);
     }
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    let guard = conn.guard.clone();
-    let stop = broker.shutdown.clone();
-    let session = session.to_string();
-    broker.tasks.spawn(async move {
-        let _guard = guard;
-        let Ok(upgraded) = on_upgrade.await else {
-            return;
-        };
-        let mut client = TokioIo::new(upgraded);
-        if !rest.is_empty() && client.write_all(&rest).await.is_err() {
-            return;
-        }
-        tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut client, &mut io) => {
-                tracing::debug!(session, result = ?r.map(|_| ()), "forwarded connection ended");
-            }
-            _ = stop.cancelled() => {}
-        }
-    });
-    resp
+    let tunnel = Tunnel {
+        owner: io,
+        rest,
+        stop: broker.shutdown.clone(),
+        session: session.to_string(),
+        _guard: conn.guard.clone(),
+    };
+    (resp, Some(tunnel))
+}
+
+fn unreachable() -> Response<Body> {
+    text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "503 Service Unavailable: session owner unreachable",
+    )
 }

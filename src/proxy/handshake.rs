@@ -10,12 +10,15 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 
-use super::forward::forward;
+use super::forward::{forward, Tunnel};
 use super::hop::HOP_HEADER;
+use super::io::ClientConn;
 use super::route::{route, Decision, RouteError, UpstreamRequest};
 use super::session::ConnGuard;
+use super::session::Reservation;
 use super::session_id;
 use super::upstream_dial::accept_key;
 use crate::broker::Broker;
@@ -63,29 +66,62 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// Serves one request on the public listener.
+/// Whether a request asks for an upgrade (answered on the upgrade path,
+/// with 400 when the upgrade itself is malformed).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    header_has_token(headers, header::CONNECTION, "upgrade")
+        || headers.contains_key(header::UPGRADE)
+}
+
+/// What follows the answer to an upgrade request.
+pub enum After {
+    /// The answer was not a 101: nothing.
+    Nothing,
+    /// Hand the client to its session.
+    Attach(Reservation),
+    /// Tunnel the client's bytes to the session's owner.
+    Tunnel(Tunnel),
+}
+
+/// Serves one request that reached hyper (everything but the upgrades the
+/// listener answers itself).
 pub async fn handle(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     conn: Arc<ConnInfo>,
     broker: Arc<Broker>,
 ) -> Result<Response<Body>, Infallible> {
-    let is_upgrade = header_has_token(req.headers(), header::CONNECTION, "upgrade")
-        || req.headers().contains_key(header::UPGRADE);
+    let is_upgrade = is_upgrade(req.headers());
     if !is_upgrade && req.uri().path().starts_with(sessions_api::INTERNAL_PREFIX) {
         return Ok(sessions_api::internal(req, &broker).await);
     }
     if !is_upgrade {
         return Ok(plain(&req, &broker).await);
     }
-    let started = tokio::time::Instant::now();
-    let response = upgrade(req, conn, &broker).await;
-    let m = &broker.metrics;
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        m.handshake_seconds.observe(started.elapsed().as_secs_f64());
-    } else if response.status() == StatusCode::BAD_GATEWAY {
-        m.upgrade(UpgradeResult::UpstreamFailed);
-    } else {
-        m.upgrade(UpgradeResult::Rejected);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let (parts, _body) = req.into_parts();
+    let (response, after) = upgrade(parts, &conn, &broker).await;
+    match after {
+        After::Nothing => {}
+        After::Attach(reservation) => {
+            let guard = conn.guard.clone();
+            broker.tasks.spawn(async move {
+                match on_upgrade.await {
+                    Ok(upgraded) => {
+                        reservation
+                            .attach(ClientConn::from_upgraded(upgraded), guard)
+                            .await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "client upgrade did not complete"),
+                }
+            });
+        }
+        After::Tunnel(tunnel) => {
+            broker.tasks.spawn(async move {
+                if let Ok(upgraded) = on_upgrade.await {
+                    tunnel.run(ClientConn::from_upgraded(upgraded)).await;
+                }
+            });
+        }
     }
     Ok(response)
 }
@@ -119,19 +155,50 @@ fn bad(reason: &str) -> Response<Body> {
     )
 }
 
-async fn upgrade(
-    mut req: Request<Incoming>,
-    conn: Arc<ConnInfo>,
+/// Answers an upgrade request (already read): the response, and what
+/// follows it once written.
+pub async fn upgrade(
+    parts: Parts,
+    conn: &Arc<ConnInfo>,
     broker: &Arc<Broker>,
-) -> Response<Body> {
-    let headers = req.headers();
-    if req.method() != Method::GET {
-        return bad("a WebSocket upgrade must be a GET");
+) -> (Response<Body>, After) {
+    let started = tokio::time::Instant::now();
+    let (response, after) = answer_upgrade(parts, conn, broker).await;
+    let m = &broker.metrics;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        m.handshake_seconds.observe(started.elapsed().as_secs_f64());
+    } else if response.status() == StatusCode::BAD_GATEWAY {
+        m.upgrade(UpgradeResult::UpstreamFailed);
+    } else {
+        m.upgrade(UpgradeResult::Rejected);
+    }
+    (response, after)
+}
+
+async fn answer_upgrade(
+    parts: Parts,
+    conn: &Arc<ConnInfo>,
+    broker: &Arc<Broker>,
+) -> (Response<Body>, After) {
+    match check_and_route(parts, conn, broker).await {
+        Ok(done) => done,
+        Err(response) => (response, After::Nothing),
+    }
+}
+
+async fn check_and_route(
+    parts: Parts,
+    conn: &Arc<ConnInfo>,
+    broker: &Arc<Broker>,
+) -> Result<(Response<Body>, After), Response<Body>> {
+    let headers = &parts.headers;
+    if parts.method != Method::GET {
+        return Err(bad("a WebSocket upgrade must be a GET"));
     }
     if !header_has_token(headers, header::UPGRADE, "websocket")
         || !header_has_token(headers, header::CONNECTION, "upgrade")
     {
-        return bad("expected Connection: Upgrade and Upgrade: websocket");
+        return Err(bad("expected Connection: Upgrade and Upgrade: websocket"));
     }
     if headers
         .get(header::SEC_WEBSOCKET_VERSION)
@@ -146,32 +213,30 @@ async fn upgrade(
             header::SEC_WEBSOCKET_VERSION,
             HeaderValue::from_static("13"),
         );
-        return r;
+        return Err(r);
     }
     let key = match headers.get(header::SEC_WEBSOCKET_KEY) {
         Some(k) if valid_key(k.as_bytes()) => k.as_bytes().to_vec(),
-        _ => return bad("missing or malformed Sec-WebSocket-Key"),
+        _ => return Err(bad("missing or malformed Sec-WebSocket-Key")),
     };
     let hop_header = headers
         .get(HOP_HEADER)
         .map(|v| v.to_str().unwrap_or("").to_string());
     if !broker.lifecycle.accepting_sessions() {
-        return text(
+        return Err(text(
             StatusCode::SERVICE_UNAVAILABLE,
             "503 Service Unavailable: node is draining",
-        );
+        ));
     }
 
     let cfg = &broker.config.session;
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let (parts, _body) = req.into_parts();
     let (id, minted) = match session_id::find(&cfg.key, &parts) {
         Some(raw) => match session_id::validate(raw) {
             Ok(()) => (raw.to_string(), false),
-            Err(reason) => return bad(reason),
+            Err(reason) => return Err(bad(reason)),
         },
         None if cfg.mint => (session_id::mint(), true),
-        None => return bad("no session id in the request and minting is off"),
+        None => return Err(bad("no session id in the request and minting is off")),
     };
     let id: Arc<str> = Arc::from(id);
     let path_and_query = parts
@@ -197,13 +262,13 @@ async fn upgrade(
             }
             Some(Err(e)) => {
                 tracing::warn!(session = %id, error = %e, "refused a node-to-node hop");
-                return text(StatusCode::FORBIDDEN, &format!("403 Forbidden: {e}"));
+                return Err(text(StatusCode::FORBIDDEN, &format!("403 Forbidden: {e}")));
             }
             None => {
-                return text(
+                return Err(text(
                     StatusCode::FORBIDDEN,
                     "403 Forbidden: node-to-node hop not accepted",
-                )
+                ))
             }
         }
     }
@@ -218,7 +283,8 @@ async fn upgrade(
             created,
         }) => (reservation, created),
         Ok(Decision::Forward { node, advertise }) => {
-            return forward(broker, parts, on_upgrade, conn, &id, &node, &advertise).await;
+            let (response, tunnel) = forward(broker, &parts, conn, &id, &node, &advertise).await;
+            return Ok((response, tunnel.map_or(After::Nothing, After::Tunnel)));
         }
         Err(e) => {
             tracing::info!(session = %id, error = %e, "upgrade refused");
@@ -228,15 +294,15 @@ async fn upgrade(
                 RouteError::NoUpstream => "502 Bad Gateway: no upstream available".to_string(),
                 other => format!("{}: {other}", status.as_u16()),
             };
-            return text(status, &reason);
+            return Err(text(status, &reason));
         }
     };
     let (reservation, created) = routed;
     let Some(session) = reservation.session().cloned() else {
-        return text(
+        return Err(text(
             StatusCode::SERVICE_UNAVAILABLE,
             "503 Service Unavailable: retry",
-        );
+        ));
     };
     broker.metrics.upgrade(if created {
         UpgradeResult::New
@@ -279,16 +345,7 @@ async fn upgrade(
         }
     }
 
-    let guard = conn.guard.clone();
-    broker.tasks.spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                reservation.attach(upgraded, guard).await;
-            }
-            Err(e) => tracing::debug!(session = %session.id, error = %e, "client upgrade did not complete"),
-        }
-    });
-    resp
+    Ok((resp, After::Attach(reservation)))
 }
 
 /// A Sec-WebSocket-Key is the base64 of 16 bytes: 24 characters.

@@ -69,20 +69,103 @@ fn split_boxed(s: Boxed) -> (ReadSide, WriteSide) {
     (ReadSide::Stream(r), WriteSide::Stream(w))
 }
 
-/// Takes an upgraded client connection back from hyper: its two sides and
-/// any bytes hyper had already read past the handshake.
-pub fn client_sides(upgraded: ClientIo) -> (ReadSide, WriteSide, Bytes) {
-    match upgraded.downcast::<hyper_util::rt::TokioIo<PublicStream>>() {
-        Ok(parts) => {
-            let (r, w) = parts.io.into_inner().into_sides();
-            (r, w, parts.read_buf)
+/// A client connection after its 101: both sides, and any bytes already
+/// read past the handshake.
+pub struct ClientConn {
+    pub read: ReadSide,
+    pub write: WriteSide,
+    pub leftover: Bytes,
+}
+
+impl ClientConn {
+    /// A connection whose handshake the listener answered itself.
+    pub fn from_stream(stream: PublicStream, leftover: Bytes) -> ClientConn {
+        let (read, write) = stream.into_sides();
+        ClientConn {
+            read,
+            write,
+            leftover,
         }
-        // Not our listener's stream type (cannot happen with our listener):
-        // relay through hyper's wrapper.
-        Err(upgraded) => {
-            let (r, w) = split_boxed(Box::new(hyper_util::rt::TokioIo::new(upgraded)));
-            (r, w, Bytes::new())
+    }
+
+    /// Takes an upgraded connection back from hyper.
+    pub fn from_upgraded(upgraded: ClientIo) -> ClientConn {
+        match upgraded.downcast::<hyper_util::rt::TokioIo<Prefixed<PublicStream>>>() {
+            Ok(parts) => {
+                let (stream, unread) = parts.io.into_inner().into_parts();
+                let leftover = if unread.is_empty() {
+                    parts.read_buf
+                } else {
+                    // Cannot happen: hyper reads the prefix before the head ends.
+                    let mut all = unread.to_vec();
+                    all.extend_from_slice(&parts.read_buf);
+                    Bytes::from(all)
+                };
+                ClientConn::from_stream(stream, leftover)
+            }
+            // Not our listener's stream type (cannot happen with our
+            // listener): relay through hyper's wrapper.
+            Err(upgraded) => {
+                let (read, write) = split_boxed(Box::new(hyper_util::rt::TokioIo::new(upgraded)));
+                ClientConn {
+                    read,
+                    write,
+                    leftover: Bytes::new(),
+                }
+            }
         }
+    }
+}
+
+/// A stream whose first bytes were already read (by the listener, looking
+/// at the request head) and are served again before the rest.
+pub struct Prefixed<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T> Prefixed<T> {
+    pub fn new(prefix: Bytes, inner: T) -> Prefixed<T> {
+        Prefixed { prefix, inner }
+    }
+
+    /// The stream and the part of the prefix not yet read.
+    pub fn into_parts(self) -> (T, Bytes) {
+        (self.inner, self.prefix)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        if !me.prefix.is_empty() {
+            let n = me.prefix.len().min(buf.remaining());
+            buf.put_slice(&me.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut me.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

@@ -1,19 +1,28 @@
 //! The public listener: accepts connections under `max_connections`,
-//! terminates TLS, and serves HTTP/1.1 with upgrades through hyper, with
-//! `handshake_timeout` and `max_header_bytes` enforced.
+//! terminates TLS, and reads the request head with `handshake_timeout` and
+//! `max_header_bytes` enforced. A complete WebSocket upgrade request is
+//! answered here directly (the hot path: no HTTP machinery between the
+//! head and the session); anything else — `/health`, `/live`, the internal
+//! API, malformed or oversized heads — goes to hyper with the bytes
+//! already read.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
 use hyper::service::service_fn;
+use hyper::{Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::handshake::{self, ConnInfo};
-use super::io::{MaybeTls, PublicStream};
+use super::handshake::{self, After, Body, ConnInfo};
+use super::io::{ClientConn, MaybeTls, Prefixed, PublicStream};
 use crate::broker::Broker;
 
 /// Connections over the limit that may be answered 503 at the same time;
@@ -103,6 +112,152 @@ async fn serve_connection(
             }
         }
     };
+    let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
+    let mut io = io;
+    let mut buf = BytesMut::with_capacity(1024);
+    let head = tokio::select! {
+        h = tokio::time::timeout_at(deadline, read_head(&mut io, &mut buf, limits.max_header_bytes)) => h,
+        _ = broker.shutdown.cancelled() => return,
+    };
+    match head {
+        // Slow, incomplete or closed: dropped.
+        Err(_) | Ok(Head::Gone) => {}
+        Ok(Head::Upgrade { parts, len }) => {
+            let leftover = buf.split_off(len).freeze();
+            answer_upgrade(io, *parts, leftover, info, broker).await;
+        }
+        Ok(Head::Other) => serve_http(Prefixed::new(buf.freeze(), io), info, broker).await,
+    }
+}
+
+/// What the first bytes of a connection hold.
+enum Head {
+    /// A complete WebSocket upgrade request, `len` bytes long.
+    Upgrade { parts: Box<Parts>, len: usize },
+    /// Anything else (hyper answers it, limits and errors included).
+    Other,
+    /// The peer closed or failed before a request head.
+    Gone,
+}
+
+/// Most headers an upgrade request may have to be answered here (more go
+/// to hyper).
+const MAX_FAST_HEADERS: usize = 64;
+
+async fn read_head(io: &mut PublicStream, buf: &mut BytesMut, limit: usize) -> Head {
+    loop {
+        if !buf.is_empty() {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_FAST_HEADERS];
+            let mut req = httparse::Request::new(&mut headers);
+            match req.parse(buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    return match upgrade_parts(&req) {
+                        Some(parts) => Head::Upgrade { parts, len },
+                        None => Head::Other,
+                    };
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(_) => return Head::Other,
+            }
+        }
+        if buf.len() >= limit {
+            return Head::Other;
+        }
+        buf.reserve(1024);
+        match io.read_buf(buf).await {
+            Ok(0) | Err(_) => return Head::Gone,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The request as `Parts` when it is an HTTP/1.1 upgrade request.
+fn upgrade_parts(req: &httparse::Request<'_, '_>) -> Option<Box<Parts>> {
+    if req.version != Some(1) {
+        return None;
+    }
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        headers.append(
+            HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+            HeaderValue::from_bytes(h.value).ok()?,
+        );
+    }
+    if !handshake::is_upgrade(&headers) {
+        return None;
+    }
+    let (mut parts, ()) = hyper::Request::new(()).into_parts();
+    parts.method = hyper::Method::from_bytes(req.method?.as_bytes()).ok()?;
+    parts.uri = req.path?.parse().ok()?;
+    parts.headers = headers;
+    Some(Box::new(parts))
+}
+
+/// Answers an upgrade request read by the listener, then hands the client
+/// to its session (or to the tunnel to its owner) on this same task.
+async fn answer_upgrade(
+    mut io: PublicStream,
+    parts: Parts,
+    leftover: Bytes,
+    info: Arc<ConnInfo>,
+    broker: Arc<Broker>,
+) {
+    let (response, after) = handshake::upgrade(parts, &info, &broker).await;
+    let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if write_response(&mut io, response, upgraded).await.is_err() {
+        return;
+    }
+    match after {
+        After::Attach(reservation) => {
+            let client = ClientConn::from_stream(io, leftover);
+            reservation.attach(client, info.guard.clone()).await;
+        }
+        After::Tunnel(tunnel) => tunnel.run(ClientConn::from_stream(io, leftover)).await,
+        After::Nothing => {
+            // The answer was an error: close, letting it reach the client.
+            let _ = io.shutdown().await;
+            super::client_reader::linger(&mut io).await;
+        }
+    }
+}
+
+/// Writes a response head and body; non-101 answers close the connection.
+async fn write_response(
+    io: &mut PublicStream,
+    response: Response<Body>,
+    upgraded: bool,
+) -> std::io::Result<()> {
+    let (parts, body) = response.into_parts();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(never) => match never {},
+    };
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !upgraded {
+        out.extend_from_slice(
+            format!("content-length: {}\r\nconnection: close\r\n", body.len()).as_bytes(),
+        );
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&body);
+    io.write_all(&out).await
+}
+
+/// Serves a connection through hyper (everything but upgrades answered
+/// above).
+async fn serve_http(io: Prefixed<PublicStream>, info: Arc<ConnInfo>, broker: Arc<Broker>) {
+    let limits = &broker.config.limits;
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())

@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::io::ClientIo;
+use super::io::ClientConn;
 use crate::clock;
 use crate::config::AttachMode;
 
@@ -98,7 +98,7 @@ pub enum Cmd {
 
 /// A client joining a session.
 pub struct Attach {
-    pub io: ClientIo,
+    pub io: ClientConn,
     /// Fires when a later client takes the session over.
     pub kicked: CancellationToken,
     pub conn: ConnGuard,
@@ -145,7 +145,8 @@ pub struct Session {
     /// Upstream bytes held for replay while detached.
     pub buffered: AtomicU64,
     attach: Mutex<AttachState>,
-    /// Current takeover generation; clients of older generations are kicked.
+    /// Current takeover generation (a child of `stopped`); clients of
+    /// older generations are kicked.
     generation: Mutex<CancellationToken>,
     /// Fires when the driver stops: readers and pending attaches stop too.
     pub stopped: CancellationToken,
@@ -239,6 +240,7 @@ impl Session {
         upstream: String,
         protocol: Option<String>,
     ) -> Arc<Session> {
+        let stopped = CancellationToken::new();
         Arc::new(Session {
             id,
             epoch,
@@ -248,8 +250,8 @@ impl Session {
             last_active_ms: AtomicU64::new(clock::now_ms()),
             buffered: AtomicU64::new(0),
             attach: Mutex::new(AttachState::default()),
-            generation: Mutex::new(CancellationToken::new()),
-            stopped: CancellationToken::new(),
+            generation: Mutex::new(stopped.child_token()),
+            stopped,
             cmd: CmdQueue::new(),
         })
     }
@@ -372,7 +374,7 @@ impl Reservation {
 
     /// Hands the upgraded client to the driver. Under `takeover`, every
     /// client attached before is kicked first.
-    pub async fn attach(mut self, io: ClientIo, conn: ConnGuard) -> bool {
+    pub async fn attach(mut self, io: ClientConn, conn: ConnGuard) -> bool {
         let Some(session) = self.session.take() else {
             return false;
         };
@@ -380,7 +382,7 @@ impl Reservation {
             let mut generation = session.generation.lock().unwrap_or_else(|p| p.into_inner());
             if self.mode == AttachMode::Takeover {
                 generation.cancel();
-                *generation = CancellationToken::new();
+                *generation = session.stopped.child_token();
             }
             generation.child_token()
         };

@@ -10,8 +10,11 @@ pub mod sentinel;
 pub mod valkey;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 pub use memory::MemoryRegistry;
 pub use valkey::ValkeyRegistry;
@@ -76,15 +79,68 @@ pub struct ValkeyState {
     pub left: tokio::sync::Mutex<bool>,
     /// Last successful heartbeat (ms on [`clock`]).
     last_beat_ms: AtomicU64,
+    /// Session ends waiting to be written (see [`ValkeyState::write_ends`]).
+    ends: mpsc::Sender<SessionEnd>,
+    ends_rx: std::sync::Mutex<Option<mpsc::Receiver<SessionEnd>>>,
 }
+
+/// A session that ended, at its epoch.
+type SessionEnd = (Arc<str>, u64);
+
+/// Session ends queued for the registry; past this, an end is written on
+/// its own.
+pub const END_QUEUE: usize = 4096;
+/// Most session ends written in one pipelined round trip.
+const END_BATCH: usize = 256;
 
 impl ValkeyState {
     pub fn new(registry: ValkeyRegistry) -> ValkeyState {
+        let (ends, ends_rx) = mpsc::channel(END_QUEUE);
         ValkeyState {
             registry,
             hold_off_until_ms: AtomicU64::new(0),
             left: tokio::sync::Mutex::new(false),
             last_beat_ms: AtomicU64::new(clock::now_ms()),
+            ends,
+            ends_rx: std::sync::Mutex::new(Some(ends_rx)),
+        }
+    }
+
+    /// Writes queued session ends, as many as have gathered in one
+    /// pipelined round trip (none wait for a timer: a lone end goes at
+    /// once), until `stop`; then writes what is left.
+    pub async fn write_ends(&self, stop: CancellationToken) {
+        let rx = self
+            .ends_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(mut rx) = rx else { return };
+        let mut batch = Vec::with_capacity(END_BATCH);
+        loop {
+            let first = tokio::select! {
+                m = rx.recv() => m,
+                _ = stop.cancelled() => None,
+            };
+            let Some(first) = first else { break };
+            batch.push(first);
+            while batch.len() < END_BATCH {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = self.registry.end_many(&batch).await {
+                tracing::debug!(sessions = batch.len(), error = %e, "could not remove ended sessions");
+            }
+            batch.clear();
+        }
+        rx.close();
+        while let Ok(m) = rx.try_recv() {
+            batch.push(m);
+        }
+        for chunk in batch.chunks(END_BATCH) {
+            let _ = self.registry.end_many(chunk).await;
         }
     }
 
@@ -153,12 +209,16 @@ impl Registry {
     }
 
     /// The session ended for good: forget it (if still ours at `epoch`).
-    pub async fn session_ended(&self, session: &str, epoch: u64) {
+    /// On Valkey the end is queued and written in a batch with others.
+    pub async fn session_ended(&self, session: &Arc<str>, epoch: u64) {
         match self {
             Registry::Memory(m) => m.ended(session, epoch),
             Registry::Valkey(v) => {
+                if v.ends.try_send((session.clone(), epoch)).is_ok() {
+                    return;
+                }
                 if let Err(e) = v.registry.end(session, epoch).await {
-                    tracing::debug!(session, error = %e, "could not remove the session key");
+                    tracing::debug!(session = %session, error = %e, "could not remove the session key");
                 }
             }
         }

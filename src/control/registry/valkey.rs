@@ -3,6 +3,7 @@
 //! timeout, ownership changed only through the scripts in `scripts.rs`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use redis::aio::MultiplexedConnection;
@@ -405,6 +406,32 @@ impl ValkeyRegistry {
         let keys = [self.keys.session(sid), self.keys.node_sessions(&self.me.id)];
         let args = [self.me.id.clone(), epoch.to_string(), sid.to_string()];
         self.eval::<i64>(&self.end, &keys, &args).await.map(|_| ())
+    }
+
+    /// Records the end of many sessions in one pipelined round trip (each
+    /// deleted only if still this node's at that epoch).
+    pub async fn end_many(&self, ends: &[(Arc<str>, u64)]) -> Result<(), RegistryError> {
+        let mut pipe = redis::pipe();
+        let me = self.me.id.clone();
+        let set = self.keys.node_sessions(&me);
+        for (sid, epoch) in ends {
+            let keys = [self.keys.session(sid), set.clone()];
+            let args = [me.clone(), epoch.to_string(), sid.to_string()];
+            pipe.add_command(evalsha(&self.end, &keys, &args)).ignore();
+        }
+        let first = {
+            let pipe = pipe.clone();
+            self.run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+                .await
+        };
+        match first {
+            // The server does not have the script yet (first use, or a
+            // promoted replica): load it and run the batch again.
+            Err(e) if e.to_string().to_ascii_lowercase().contains("noscript") => {
+                self.run_script_pipe::<()>(pipe, &self.end).await
+            }
+            other => other,
+        }
     }
 
     /// Releases many sessions of `owner` at once (drain, or collecting a
