@@ -150,6 +150,9 @@ async fn read_head(io: &mut PublicStream, buf: &mut BytesMut, limit: usize) -> H
             let mut headers = [httparse::EMPTY_HEADER; MAX_FAST_HEADERS];
             let mut req = httparse::Request::new(&mut headers);
             match req.parse(buf) {
+                // Over the limit: hyper answers 431.
+                // Over the limit: hyper answers 431.
+                Ok(httparse::Status::Complete(len)) if len > limit => return Head::Other,
                 Ok(httparse::Status::Complete(len)) => {
                     return match upgrade_parts(&req) {
                         Some(parts) => Head::Upgrade { parts, len },
@@ -304,4 +307,59 @@ async fn reject_overloaded(
         Some(())
     };
     let _ = tokio::time::timeout(Duration::from_secs(3), work).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A head that completes only past the limit goes to hyper (431), even
+    /// when the read that completes it started under the limit.
+    #[tokio::test]
+    async fn a_head_completing_past_the_limit_is_not_answered_here() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let limit = 8 * 1024;
+        let head = format!(
+            "GET /?session=edge HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Pad: {}\r\n\r\n",
+            "x".repeat(limit)
+        );
+        let (first, rest) = head.as_bytes().split_at(limit - 500);
+        client.write_all(first).await.expect("write");
+        let reader = tokio::spawn(async move {
+            let mut io: PublicStream = MaybeTls::Plain(server);
+            let mut buf = BytesMut::new();
+            let head = read_head(&mut io, &mut buf, limit).await;
+            matches!(head, Head::Other)
+        });
+        tokio::task::yield_now().await;
+        client.write_all(rest).await.expect("write");
+        let other = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("read_head returns")
+            .expect("task");
+        assert!(other, "a head over the limit must go to hyper");
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_head_under_the_limit_is_answered_here() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        client
+            .write_all(b"GET /?session=ok HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nEXTRA")
+            .await
+            .expect("write");
+        let mut io: PublicStream = MaybeTls::Plain(server);
+        let mut buf = BytesMut::new();
+        let head = read_head(&mut io, &mut buf, 8192).await;
+        let Head::Upgrade { parts, len } = head else {
+            panic!("an upgrade request is answered by the listener");
+        };
+        assert_eq!(parts.uri.query(), Some("session=ok"));
+        assert_eq!(&buf[len..], b"EXTRA", "bytes past the head are kept");
+    }
 }

@@ -446,3 +446,52 @@ impl SessionTable {
         self.map.iter().map(|e| e.value().clone()).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn end_cmd() -> Cmd {
+        Cmd::End {
+            reason: &EndReason::OPERATOR,
+            after: Duration::ZERO,
+        }
+    }
+
+    #[tokio::test]
+    async fn command_queue_is_bounded_ordered_and_closes() {
+        let s = Session::new(Arc::from("q"), 1, "ws://u".into(), None);
+        for _ in 0..CMD_QUEUE {
+            assert!(s.try_send(end_cmd()));
+        }
+        assert!(!s.try_send(end_cmd()), "the queue holds CMD_QUEUE commands");
+        let first = s.next_cmd().await;
+        assert!(matches!(first, Cmd::End { .. }));
+        assert!(
+            s.try_send(end_cmd()),
+            "a place frees once the driver takes one"
+        );
+        s.close_commands();
+        assert!(!s.try_send(end_cmd()));
+        assert!(
+            !s.send(end_cmd()).await,
+            "a stopped session refuses commands"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_command_sent_while_the_driver_is_busy_wakes_it_later() {
+        let s = Session::new(Arc::from("w"), 1, "ws://u".into(), None);
+        let waiter = {
+            let s = s.clone();
+            tokio::spawn(async move { s.next_cmd().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(s.send(end_cmd()).await);
+        let got = tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .expect("the driver is woken")
+            .expect("task");
+        assert!(matches!(got, Cmd::End { .. }));
+    }
+}

@@ -66,6 +66,34 @@ impl Sentinel {
     }
 }
 
+impl Sentinel {
+    /// Starts a Sentinel on a free port and waits until it answers PING; a
+    /// port taken meanwhile by another process (the Sentinel exits) is
+    /// replaced by another, up to three times.
+    pub async fn start_answering(primary_port: u16, bin: &PathBuf) -> Sentinel {
+        for _ in 0..3 {
+            let mut s = Sentinel::start(free_port(), primary_port, bin);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while tokio::time::Instant::now() < deadline {
+                let exited = s
+                    .child
+                    .as_mut()
+                    .is_none_or(|c| c.try_wait().ok().flatten().is_some());
+                if exited {
+                    break;
+                }
+                let pong: Option<String> = query(&s.addr(), &redis::cmd("PING")).await;
+                if pong.is_some() {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            s.kill();
+        }
+        panic!("no Sentinel would start (three ports tried)");
+    }
+}
+
 impl Drop for Sentinel {
     fn drop(&mut self) {
         self.kill();
@@ -117,9 +145,10 @@ impl SentinelSetup {
             }
         })
         .await;
-        let sentinels: Vec<Sentinel> = (0..3)
-            .map(|_| Sentinel::start(free_port(), primary.port, &bin))
-            .collect();
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            sentinels.push(Sentinel::start_answering(primary.port, &bin).await);
+        }
         let setup = SentinelSetup {
             servers: vec![primary, replica],
             sentinels,
@@ -134,7 +163,7 @@ impl SentinelSetup {
         for s in &self.sentinels {
             let addr = s.addr();
             eventually(
-                Duration::from_secs(20),
+                Duration::from_secs(30),
                 "sentinels discover each other and the replica",
                 || {
                     let addr = addr.clone();
