@@ -1,7 +1,8 @@
 //! The data path: listener → handshake → route → session (driver and
 //! client readers relaying frames).
 //!
-//! - `listener`: accept, TLS, connection limit, HTTP/1.1 via hyper.
+//! - `listener`: accept, TLS, connection limit, the request head (upgrades
+//!   answered directly, everything else through hyper).
 //! - `handshake`: request checks, `/health` and `/live`, the 101.
 //! - `session_id`: where the session id comes from.
 //! - `route`: the one decision — attach locally or create (or, in a
@@ -10,6 +11,8 @@
 //! - `upstream_dial`: the upstream WebSocket handshake.
 //! - `session`, `driver`, `client_reader`: a live session and its relay.
 //! - `frame`: frame-boundary tracking over raw bytes.
+//! - `io`, `buffer`: the connections' read and write sides, and read
+//!   buffers that exist only while data moves.
 
 pub mod buffer;
 pub mod client_reader;

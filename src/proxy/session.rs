@@ -1,5 +1,5 @@
 //! A session as the rest of the node sees it: its identity, its attach
-//! bookkeeping, and the command channel into its driver task.
+//! bookkeeping, and the bounded command queue into its driver task.
 //!
 //! The driver (see `driver.rs`) owns the upstream connection and every
 //! client's write half; everything else talks to it through [`Cmd`].
@@ -19,7 +19,7 @@ use super::io::ClientConn;
 use crate::clock;
 use crate::config::AttachMode;
 
-/// Bound of a session's command channel.
+/// Bound of a session's command queue.
 pub const CMD_QUEUE: usize = 32;
 
 /// A held place on the public listener's connection limit; dropping it
