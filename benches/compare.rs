@@ -741,6 +741,11 @@ fn print_table(results: &[(&str, Row)], s: &Settings, fds: u64) {
         find("nginx+wsbroker"),
     );
     let check = |label: &str, ratio: f64, target: &str, met: bool| {
+        if !ratio.is_finite() || ratio == 0.0 {
+            // A target left out with --only.
+            println!("  {label:<46}   n/a");
+            return;
+        }
         println!(
             "  {label:<46} {ratio:>5.2}   target {target:<6} {}",
             if met { "met" } else { "MISSED" }
