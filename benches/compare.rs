@@ -597,7 +597,7 @@ fn main() {
         }
     } else {
         Settings {
-            rounds: 3,
+            rounds: 5,
             rtt_clients: 64,
             rtt_messages: 300,
             tp_clients: 16,
