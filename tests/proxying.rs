@@ -312,28 +312,12 @@ async fn frames_sent_right_behind_the_upgrade_request_are_relayed() {
     let mut bytes = b"GET /?session=eager HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".to_vec();
     bytes.extend(frame::encode_frame(frame::OP_TEXT, b"early", true));
     s.write_all(&bytes).await.expect("write");
-    let mut buf = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let echoed = loop {
-        let mut chunk = [0u8; 1024];
-        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
-            .await
-            .expect("101 and the echo within 5 s")
-            .expect("read");
-        assert!(n > 0, "closed early");
-        buf.extend_from_slice(&chunk[..n]);
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            continue;
-        };
-        assert!(buf.starts_with(b"HTTP/1.1 101"), "expected a 101");
-        let rest = &buf[end + 4..];
-        if let Some(h) = frame::parse_header(rest) {
-            let len = h.header_len + h.payload_len as usize;
-            if rest.len() >= len {
-                break frame::frame_payload(&rest[..len]);
-            }
-        }
-    };
+    let (head, rest) = raw_read_head(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        head.starts_with("HTTP/1.1 101"),
+        "expected a 101, got {head}"
+    );
+    let echoed = raw_read_payload(&mut s, rest, Duration::from_secs(5)).await;
     assert_eq!(echoed, b"early");
     assert_eq!(up.messages_for("eager"), vec![Message::text("early")]);
 }
@@ -360,4 +344,35 @@ async fn a_refused_upgrade_is_answered_and_the_connection_closed() {
         text.contains("sec-websocket-key"),
         "the reason names the key: {text}"
     );
+}
+
+#[tokio::test]
+async fn an_upgrade_after_a_plain_request_on_the_same_connection_works() {
+    // The first request goes to hyper (plain HTTP, kept alive); the upgrade
+    // that follows on the same connection is answered through hyper too.
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "").await;
+    let mut s = tokio::net::TcpStream::connect(node.public)
+        .await
+        .expect("connect");
+    s.write_all(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, body) = raw_read_head(&mut s, Duration::from_secs(5)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "got {head}");
+    assert!(
+        body.starts_with(b"live"),
+        "the /live body arrived with its head"
+    );
+    s.write_all(b"GET /?session=kept HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, rest) = raw_read_head(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        head.starts_with("HTTP/1.1 101"),
+        "expected a 101, got {head}"
+    );
+    raw_send_text(&mut s, "after live").await;
+    let echoed = raw_read_payload(&mut s, rest, Duration::from_secs(5)).await;
+    assert_eq!(echoed, b"after live");
 }

@@ -768,6 +768,52 @@ pub async fn raw_read_close(
     }
 }
 
+/// Reads a raw socket until a whole response head; returns the head and
+/// the bytes read past it.
+pub async fn raw_read_head(s: &mut TcpStream, within: Duration) -> (String, Vec<u8>) {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = Vec::new();
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            return (head, buf[end + 4..].to_vec());
+        }
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+            .await
+            .expect("a response head in time")
+            .expect("read");
+        assert!(n > 0, "closed before a response head");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Reads one whole server frame (after `pending` bytes already read) and
+/// returns its payload.
+pub async fn raw_read_payload(
+    s: &mut TcpStream,
+    mut pending: Vec<u8>,
+    within: Duration,
+) -> Vec<u8> {
+    use wsbroker::proxy::frame;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(h) = frame::parse_header(&pending) {
+            let len = h.header_len + h.payload_len as usize;
+            if pending.len() >= len {
+                return frame::frame_payload(&pending[..len]);
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+            .await
+            .expect("a frame in time")
+            .expect("read");
+        assert!(n > 0, "closed before a whole frame");
+        pending.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// Sends one masked text frame on a raw client socket.
 pub async fn raw_send_text(s: &mut TcpStream, text: &str) {
     let f = wsbroker::proxy::frame::encode_frame(
