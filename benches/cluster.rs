@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use common::{free_port, valkey_binary, Proc};
+use common::{free_port, spawn_valkey, Proc};
 
 const HEARTBEAT: &str = "200ms";
 const STALE_TTL: &str = "1s";
@@ -143,25 +143,7 @@ async fn run(quick: bool) {
     let app_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
     let app = app_listener.local_addr().expect("addr");
     tokio::spawn(wsbroker::demo::serve_app(app_listener, stop.clone()));
-    let vport = free_port();
-    let _valkey = Proc(
-        Command::new(valkey_binary())
-            .args([
-                "--port",
-                &vport.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("valkey"),
-    );
+    let (_valkey, vport) = spawn_valkey(&dir);
     let (_mem, mem_addr) = start_node(&dir, "mem", app, None);
     let (_a, a_addr) = start_node(&dir, "a", app, Some(vport));
     let (_b, b_addr) = start_node(&dir, "b", app, Some(vport));

@@ -26,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use common::{free_port, proc_stat, valkey_binary, Proc};
+use common::{free_port, proc_stat, spawn_valkey, Proc};
 
 struct Settings {
     rounds: usize,
@@ -177,25 +177,7 @@ fn start_wsbroker(dir: &Path, app: SocketAddr) -> Target {
 /// A Valkey server and three wsbroker nodes on it: the node `valkey`
 /// (sessions created on it) and `hop` (client on node b, owner node a).
 fn start_cluster(dir: &Path, app: SocketAddr) -> (Target, Target) {
-    let vport = free_port();
-    let valkey = Proc(
-        Command::new(valkey_binary())
-            .args([
-                "--port",
-                &vport.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("valkey"),
-    );
+    let (valkey, vport) = spawn_valkey(dir);
     let vpid = valkey.0.id();
     let cluster = format!(
         "[cluster]\nregistry = \"valkey\"\nsecret = \"bench-secret\"\nheartbeat_interval = \"500ms\"\nstale_ttl = \"3s\"\n[valkey]\nurl = \"redis://127.0.0.1:{vport}/0\"\n"

@@ -2,8 +2,8 @@
 //! and CPU/memory readings from /proc.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
@@ -55,4 +55,19 @@ pub fn valkey_binary() -> PathBuf {
         "no Valkey server: run scripts/find-valkey or set WSBROKER_VALKEY_BIN"
     );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// A Valkey server on a free loopback port, without persistence, its files
+/// in `dir`.
+pub fn spawn_valkey(dir: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let child = Command::new(valkey_binary())
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("valkey");
+    (Proc(child), port)
 }

@@ -242,7 +242,6 @@ impl Running {
                 return;
             }
             this.rb.consume(valid);
-            this.rb.release();
             if this.scanner.at_message_boundary() {
                 guard = None;
             }

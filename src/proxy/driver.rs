@@ -270,11 +270,7 @@ impl Driver {
             let stop = match wake {
                 // Commands are rare and their handling large: boxed.
                 Wake::Cmd(cmd) => Box::pin(self.on_cmd(cmd)).await,
-                Wake::Upstream(Ok(n)) if n > 0 => {
-                    let stop = self.on_upstream_bytes().await;
-                    self.buf.release();
-                    stop
-                }
+                Wake::Upstream(Ok(n)) if n > 0 => self.on_upstream_bytes().await,
                 Wake::Upstream(_) => Some(if self.upstream_closed {
                     Stop::Done
                 } else {

@@ -162,7 +162,10 @@ pub async fn upgrade(
     broker: &Arc<Broker>,
 ) -> (Response<Body>, After) {
     let started = tokio::time::Instant::now();
-    let (response, after) = answer_upgrade(parts, conn, broker).await;
+    let (response, after) = match check_and_route(parts, conn, broker).await {
+        Ok(done) => done,
+        Err(response) => (response, After::Nothing),
+    };
     let m = &broker.metrics;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         m.handshake_seconds.observe(started.elapsed().as_secs_f64());
@@ -172,17 +175,6 @@ pub async fn upgrade(
         m.upgrade(UpgradeResult::Rejected);
     }
     (response, after)
-}
-
-async fn answer_upgrade(
-    parts: Parts,
-    conn: &Arc<ConnInfo>,
-    broker: &Arc<Broker>,
-) -> (Response<Body>, After) {
-    match check_and_route(parts, conn, broker).await {
-        Ok(done) => done,
-        Err(response) => (response, After::Nothing),
-    }
 }
 
 async fn check_and_route(
