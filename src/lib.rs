@@ -15,6 +15,7 @@ pub mod broker;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod decimal;
 pub mod demo;
 pub mod logging;
 pub mod proxy;

@@ -114,6 +114,13 @@ async fn an_upgrade_on_a_non_owner_is_forwarded_to_the_owner() {
     // The forwarded client's address reaches the upstream, not the hop's.
     let hs = up.handshakes();
     assert_eq!(hs[0].header("x-forwarded-for"), Some("127.0.0.1"));
+    // Only the owner lists the session: the non-owners' claims took back
+    // the entry they add before they know the session exists.
+    assert_eq!(
+        valkey.keys("wsb:node-sessions:*").await,
+        vec!["wsb:node-sessions:n1".to_string()]
+    );
+    assert_eq!(valkey.members("wsb:node-sessions:n1").await, vec!["fw"]);
 }
 
 #[tokio::test]
@@ -344,6 +351,39 @@ async fn session_keys_are_removed_and_a_dead_nodes_are_collected() {
         .expect("SMEMBERS");
     assert_eq!(members, vec!["n2".to_string()]);
     drop(clients);
+}
+
+/// Redis 7 has no DELIFEQ: there a session's end goes through the
+/// script, and must remove the same keys.
+#[tokio::test]
+async fn session_keys_are_removed_on_redis_7_too() {
+    let redis = Valkey::start_with(free_port(), &redis_binary(), &[]).await;
+    let up = TestUpstream::start().await;
+    let nodes = start_cluster(1, &[up.url()], &redis, "").await;
+    let mut ws = connect(&url(&nodes[0], "r7")).await;
+    echo(&mut ws, "x").await;
+    assert_eq!(
+        redis.keys("wsb:session:*").await,
+        vec!["wsb:session:r7".to_string()]
+    );
+    assert_eq!(redis.members("wsb:node-sessions:n1").await, vec!["r7"]);
+    ws.close(None).await.expect("close");
+    let _ = expect_close(&mut ws, Duration::from_secs(5)).await;
+    eventually(
+        Duration::from_secs(5),
+        "ended session's key and set entry removed",
+        || async {
+            redis.keys("wsb:session:*").await.is_empty()
+                && redis.members("wsb:node-sessions:n1").await.is_empty()
+        },
+    )
+    .await;
+    // The same id again is a new session at epoch 1.
+    let mut again = connect(&url(&nodes[0], "r7")).await;
+    echo(&mut again, "y").await;
+    let hs = up.handshakes();
+    assert_eq!(hs.len(), 2);
+    assert_eq!(hs[1].header("x-session-epoch"), Some("1"));
 }
 
 #[tokio::test]

@@ -16,26 +16,6 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Redis 7 for the compatibility runs: WSBROKER_REDIS_BIN, else
-/// redis-server on PATH; fails with an install hint.
-fn redis_binary() -> PathBuf {
-    if let Ok(bin) = std::env::var("WSBROKER_REDIS_BIN") {
-        if !bin.is_empty() {
-            return PathBuf::from(bin);
-        }
-    }
-    let out = std::process::Command::new("sh")
-        .args(["-c", "command -v redis-server"])
-        .output()
-        .expect("sh");
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(
-        out.status.success() && !path.is_empty(),
-        "redis-server not found: apt-get install redis-server, or set WSBROKER_REDIS_BIN (scripts/test installs it)"
-    );
-    PathBuf::from(path)
-}
-
 /// Scenarios run one at a time: each starts five servers and up to three
 /// nodes, and failover timing suffers when they share two cores.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

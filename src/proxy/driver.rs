@@ -196,11 +196,11 @@ impl Driver {
         self.broker.sessions.remove(&self.session);
         // Rare and large: boxed so that an idle session's task stays small.
         Box::pin(self.finish(stop)).await;
-        Box::pin(
-            self.broker
-                .registry
-                .session_ended(&self.session.id, self.session.epoch),
-        )
+        Box::pin(self.broker.registry.session_ended(
+            &self.session.id,
+            self.session.epoch,
+            Some(&self.session.upstream),
+        ))
         .await;
         self.broker.metrics.sessions_active.dec();
         tracing::debug!(session = %self.session.id, "session ended");

@@ -267,6 +267,7 @@ async fn check_and_route(
     let upstream_req = UpstreamRequest {
         path_and_query,
         headers: upstream_headers(&parts.headers, &client_ip, tls),
+        protocols: offered_protocols(&parts.headers),
     };
     let routed = match route(broker, &id, &upstream_req, hopped).await {
         Ok(Decision::Local {
@@ -274,7 +275,9 @@ async fn check_and_route(
             created,
         }) => (reservation, created),
         Ok(Decision::Forward { node, advertise }) => {
-            let (response, tunnel) = forward(broker, &parts, conn, &id, &node, &advertise).await;
+            // Boxed: the hop's future is large and this path is the rarer one.
+            let (response, tunnel) =
+                Box::pin(forward(broker, &parts, conn, &id, &node, &advertise)).await;
             return Ok((response, tunnel.map_or(After::Nothing, After::Tunnel)));
         }
         Err(e) => {
@@ -374,48 +377,65 @@ const NOT_FORWARDED: &[&str] = &[
     "x-session-epoch",
 ];
 
-/// The end-to-end headers passed to the upstream, then X-Forwarded-*.
-pub fn upstream_headers(headers: &HeaderMap, client: &str, tls: bool) -> Vec<(String, String)> {
-    let named_in_connection: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .collect();
-    let mut out = Vec::with_capacity(headers.len() + 3);
+/// The end-to-end headers passed to the upstream, then X-Forwarded-*,
+/// rendered as header lines (`Name: value\r\n`) ready for the upstream's
+/// request head; one allocation for all of them.
+pub fn upstream_headers(headers: &HeaderMap, client: &str, tls: bool) -> String {
+    let named_in_connection = |n: &str| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(n))
+    };
+    let mut out = String::with_capacity(256);
+    let mut line = |name: &str, value: &str| {
+        out.push_str(name);
+        out.push_str(": ");
+        out.push_str(value);
+        out.push_str("\r\n");
+    };
     for (name, value) in headers {
         let n = name.as_str();
-        if NOT_FORWARDED.contains(&n)
-            || n.starts_with("x-wsbroker-")
-            || named_in_connection.iter().any(|c| c == n)
-        {
+        if NOT_FORWARDED.contains(&n) || n.starts_with("x-wsbroker-") || named_in_connection(n) {
             continue;
         }
         if let Ok(v) = value.to_str() {
-            out.push((n.to_string(), v.to_string()));
+            line(n, v);
         }
     }
-    let prior: Vec<&str> = headers
+    let mut xff = String::new();
+    for prior in headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .collect();
-    let client = client.to_string();
-    let xff = if prior.is_empty() {
-        client
-    } else {
-        format!("{}, {client}", prior.join(", "))
-    };
-    out.push(("X-Forwarded-For".into(), xff));
-    out.push((
-        "X-Forwarded-Proto".into(),
-        if tls { "https" } else { "http" }.into(),
-    ));
+    {
+        xff.push_str(prior);
+        xff.push_str(", ");
+    }
+    xff.push_str(client);
+    line("X-Forwarded-For", &xff);
+    line("X-Forwarded-Proto", if tls { "https" } else { "http" });
     if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-        out.push(("X-Forwarded-Host".into(), host.to_string()));
+        line("X-Forwarded-Host", host);
     }
     out
+}
+
+/// The subprotocols the client offered, as one comma-separated list.
+pub fn offered_protocols(headers: &HeaderMap) -> Option<String> {
+    let mut all = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    let first = all.next()?;
+    let mut list = first.to_string();
+    for more in all {
+        list.push_str(", ");
+        list.push_str(more);
+    }
+    Some(list)
 }
 
 #[cfg(test)]
@@ -439,10 +459,16 @@ mod tests {
         h.insert("x-session-epoch", HeaderValue::from_static("99"));
         h.insert(HOP_HEADER, HeaderValue::from_static("forged"));
         let out = upstream_headers(&h, "192.0.2.7", false);
+        assert!(out.ends_with("\r\n"));
+        let lines: Vec<(&str, &str)> = out
+            .split_terminator("\r\n")
+            .map(|l| l.split_once(": ").expect("a header line"))
+            .collect();
         let get = |n: &str| {
-            out.iter()
+            lines
+                .iter()
                 .find(|(k, _)| k.eq_ignore_ascii_case(n))
-                .map(|(_, v)| v.as_str())
+                .map(|(_, v)| *v)
         };
         assert_eq!(get("x-forwarded-for"), Some("10.0.0.1, 192.0.2.7"));
         assert_eq!(get("x-forwarded-proto"), Some("http"));

@@ -77,9 +77,14 @@ pub async fn serve(
                     tls: tls.is_some(),
                     guard: Arc::new(slot),
                 });
-                broker
-                    .tasks
-                    .spawn(serve_connection(stream, info, broker.clone(), tls.clone()));
+                // Boxed: the task then moves a pointer, not the whole
+                // handshake state, each time tokio moves its stage.
+                broker.tasks.spawn(Box::pin(serve_connection(
+                    stream,
+                    info,
+                    broker.clone(),
+                    tls.clone(),
+                )));
             }
             Err(_) => {
                 if let Ok(permit) = overload.clone().try_acquire_owned() {
@@ -102,7 +107,9 @@ async fn serve_connection(
     let io: PublicStream = match tls {
         None => MaybeTls::Plain(stream),
         Some(acceptor) => {
-            match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
+            // Boxed: a TLS handshake's future is large.
+            let accept = Box::pin(acceptor.accept(stream));
+            match tokio::time::timeout(limits.handshake_timeout, accept).await {
                 Ok(Ok(s)) => MaybeTls::Tls(Box::new(s)),
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed");
@@ -123,10 +130,19 @@ async fn serve_connection(
         // Slow, incomplete or closed: dropped.
         Err(_) | Ok(Head::Gone) => {}
         Ok(Head::Upgrade { parts, len }) => {
-            let leftover = buf.split_off(len).freeze();
+            // Frames right behind the request are rare: copied out, so the
+            // head buffer goes back now.
+            let leftover = match &buf[len..] {
+                [] => Bytes::new(),
+                rest => Bytes::copy_from_slice(rest),
+            };
+            drop(buf);
             answer_upgrade(io, *parts, leftover, info, broker).await;
         }
-        Ok(Head::Other) => serve_http(Prefixed::new(buf.freeze(), io), info, broker).await,
+        // Boxed: hyper's connection future is large; upgrades never need it.
+        Ok(Head::Other) => {
+            Box::pin(serve_http(Prefixed::new(buf.freeze(), io), info, broker)).await
+        }
     }
 }
 
@@ -150,7 +166,6 @@ async fn read_head(io: &mut PublicStream, buf: &mut BytesMut, limit: usize) -> H
             let mut headers = [httparse::EMPTY_HEADER; MAX_FAST_HEADERS];
             let mut req = httparse::Request::new(&mut headers);
             match req.parse(buf) {
-                // Over the limit: hyper answers 431.
                 // Over the limit: hyper answers 431.
                 Ok(httparse::Status::Complete(len)) if len > limit => return Head::Other,
                 Ok(httparse::Status::Complete(len)) => {
@@ -215,7 +230,8 @@ async fn answer_upgrade(
             let client = ClientConn::from_stream(io, leftover);
             reservation.attach(client, info.guard.clone()).await;
         }
-        After::Tunnel(tunnel) => tunnel.run(ClientConn::from_stream(io, leftover)).await,
+        // Boxed: the rarer path.
+        After::Tunnel(tunnel) => Box::pin(tunnel.run(ClientConn::from_stream(io, leftover))).await,
         After::Nothing => {
             // The answer was an error: close, letting it reach the client.
             let _ = io.shutdown().await;

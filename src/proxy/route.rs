@@ -49,7 +49,10 @@ impl RouteError {
 /// What the upstream handshake carries besides the session headers.
 pub struct UpstreamRequest<'a> {
     pub path_and_query: &'a str,
-    pub headers: Vec<(String, String)>,
+    /// End-to-end and X-Forwarded-* header lines (`Name: value\r\n`).
+    pub headers: String,
+    /// The subprotocols the client offered (comma-separated), if any.
+    pub protocols: Option<String>,
 }
 
 /// Where an upgrade goes.
@@ -128,7 +131,7 @@ async fn still_owned(broker: &Arc<Broker>, session: &Arc<Session>) -> bool {
     if v.registration_fresh() {
         return true;
     }
-    match v.registry.lookup(&session.id).await {
+    match Box::pin(v.registry.lookup(&session.id)).await {
         Ok(Some((owner, epoch, _))) if owner == broker.node_id && epoch == session.epoch => true,
         // Unreachable registry: live sessions go on.
         Err(_) => true,
@@ -219,12 +222,11 @@ async fn create(
     prefer: Option<&str>,
     mut order: Vec<Arc<Upstream>>,
 ) -> Result<Reservation, RouteError> {
-    let mut headers = req.headers.clone();
-    headers.push(("X-Session-Id".into(), id.to_string()));
-    headers.push(("X-Session-Epoch".into(), epoch.to_string()));
     let dial_req = DialRequest {
         path_and_query: req.path_and_query,
-        headers: &headers,
+        headers: &req.headers,
+        protocols: req.protocols.as_deref(),
+        session: (id, epoch),
     };
     let upstreams = &broker.upstreams;
     // `prefer`: the upstream on record (a taken-over session goes back to it).
@@ -244,7 +246,7 @@ async fn create(
             Ok(conn) => conn,
             Err(e) if !e.is_upstream_fault() => {
                 upstreams.record_success(&u);
-                broker.registry.session_ended(id, epoch).await;
+                broker.registry.session_ended(id, epoch, None).await;
                 let status = match e {
                     DialError::Refused { status } => status,
                     _ => 502,
@@ -277,6 +279,6 @@ async fn create(
         tracing::info!(session = %id, epoch, upstream = %u.url.url, node = %broker.node_id, "session created");
         return reservation.map_err(|_| RouteError::Contended);
     }
-    broker.registry.session_ended(id, epoch).await;
+    broker.registry.session_ended(id, epoch, None).await;
     Err(RouteError::NoUpstream)
 }

@@ -12,6 +12,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 
 use super::io::{MaybeTls, UpstreamIo};
 use crate::config::UpstreamUrl;
+use crate::decimal::decimal_str;
 use crate::tls::UpstreamTls;
 
 /// Largest upstream response head accepted.
@@ -21,10 +22,19 @@ const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 §4.2.2).
 pub fn accept_key(key: &[u8]) -> String {
+    accept_key_in(key, &mut [0u8; 28]).to_string()
+}
+
+/// [`accept_key`] written into `buf` (a SHA-1 digest is 28 base64 chars).
+fn accept_key_in<'b>(key: &[u8], buf: &'b mut [u8; 28]) -> &'b str {
     let mut sha = Sha1::new();
     sha.update(key);
     sha.update(WS_GUID.as_bytes());
-    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+    let n = base64::engine::general_purpose::STANDARD
+        .encode_slice(sha.finalize(), buf)
+        .unwrap_or(0);
+    // base64 output is ASCII.
+    std::str::from_utf8(&buf[..n]).unwrap_or("")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,9 +63,14 @@ impl DialError {
 pub struct DialRequest<'a> {
     /// The client's path and query, e.g. `/chat?room=1`.
     pub path_and_query: &'a str,
-    /// End-to-end headers to pass on (already filtered), then the
-    /// X-Forwarded-* and X-Session-* headers.
-    pub headers: &'a [(String, String)],
+    /// End-to-end and X-Forwarded-* header lines (already filtered and
+    /// rendered, `Name: value\r\n`).
+    pub headers: &'a str,
+    /// The subprotocols the client offered (comma-separated), if any: the
+    /// upstream may select only one of these.
+    pub protocols: Option<&'a str>,
+    /// Session id and epoch, sent as X-Session-Id and X-Session-Epoch.
+    pub session: (&'a str, u64),
 }
 
 /// An open upstream WebSocket.
@@ -77,9 +92,8 @@ async fn connect_io(url: &UpstreamUrl, tls: &UpstreamTls) -> Result<UpstreamIo, 
     }
     let name = ServerName::try_from(url.host.clone())
         .map_err(|_| DialError::BadHandshake("upstream host is not a valid TLS server name"))?;
-    let stream = tls
-        .connector()
-        .connect(name, tcp)
+    // Boxed: a TLS handshake's future is large.
+    let stream = Box::pin(tls.connector().connect(name, tcp))
         .await
         .map_err(DialError::Tls)?;
     Ok(MaybeTls::Tls(Box::new(stream)))
@@ -105,35 +119,49 @@ async fn dial_inner(
     let mut io = connect_io(url, tls).await?;
     let mut key_bytes = [0u8; 16];
     fastrand::fill(&mut key_bytes);
-    let key = base64::engine::general_purpose::STANDARD.encode(key_bytes);
+    let mut key_buf = [0u8; 24];
+    let key_len = base64::engine::general_purpose::STANDARD
+        .encode_slice(key_bytes, &mut key_buf)
+        .unwrap_or(0);
+    // base64 output is ASCII; 16 bytes always encode to 24 characters.
+    let key = std::str::from_utf8(&key_buf[..key_len]).unwrap_or("");
     let default_port = if url.tls { 443 } else { 80 };
-    let host = if url.port == default_port {
-        url.authority()
-            .rsplit_once(':')
-            .map(|(h, _)| h.to_string())
-            .unwrap_or_default()
-    } else {
-        url.authority()
-    };
-    let path = if req.path_and_query.starts_with('/') {
-        format!("{}{}", url.base_path, req.path_and_query)
-    } else {
-        format!("{}/{}", url.base_path, req.path_and_query)
-    };
-    let mut head = format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"
+    let (sid, epoch) = req.session;
+    let mut head = String::with_capacity(
+        256 + url.base_path.len()
+            + req.path_and_query.len()
+            + url.host.len()
+            + req.headers.len()
+            + sid.len(),
     );
-    let mut offered_protocols = Vec::new();
-    for (name, value) in req.headers {
-        if name.eq_ignore_ascii_case("sec-websocket-protocol") {
-            offered_protocols.extend(value.split(',').map(|p| p.trim().to_string()));
-        }
-        head.push_str(name);
-        head.push_str(": ");
-        head.push_str(value);
-        head.push_str("\r\n");
+    head.push_str("GET ");
+    head.push_str(&url.base_path);
+    if !req.path_and_query.starts_with('/') {
+        head.push('/');
     }
+    head.push_str(req.path_and_query);
+    head.push_str(" HTTP/1.1\r\nHost: ");
+    let v6 = url.host.contains(':');
+    if v6 {
+        head.push('[');
+    }
+    head.push_str(&url.host);
+    if v6 {
+        head.push(']');
+    }
+    if url.port != default_port {
+        head.push(':');
+        head.push_str(decimal_str(url.port.into(), &mut [0u8; 20]));
+    }
+    head.push_str("\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ");
+    head.push_str(key);
     head.push_str("\r\n");
+    head.push_str(req.headers);
+    head.push_str("X-Session-Id: ");
+    head.push_str(sid);
+    head.push_str("\r\nX-Session-Epoch: ");
+    head.push_str(decimal_str(epoch, &mut [0u8; 20]));
+    head.push_str("\r\n\r\n");
     io.write_all(head.as_bytes())
         .await
         .map_err(DialError::Connect)?;
@@ -173,7 +201,7 @@ async fn dial_inner(
     if !header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket")) {
         return Err(DialError::BadHandshake("missing Upgrade: websocket"));
     }
-    if header("sec-websocket-accept") != Some(accept_key(key.as_bytes()).as_str()) {
+    if header("sec-websocket-accept") != Some(accept_key_in(key.as_bytes(), &mut [0u8; 28])) {
         return Err(DialError::BadHandshake("wrong Sec-WebSocket-Accept"));
     }
     if header("sec-websocket-extensions").is_some_and(|v| !v.is_empty()) {
@@ -183,13 +211,19 @@ async fn dial_inner(
     }
     let protocol = header("sec-websocket-protocol").map(str::to_string);
     if let Some(p) = &protocol {
-        if !offered_protocols.iter().any(|o| o == p) {
+        let offered = req.protocols.unwrap_or("");
+        if !offered.split(',').any(|o| o.trim() == p) {
             return Err(DialError::BadHandshake(
                 "upstream selected a subprotocol it was not offered",
             ));
         }
     }
-    let leftover = buf.split_off(head_len);
+    // Frames right behind the 101 are rare: copied out, so the read
+    // buffer goes back now.
+    let leftover = match &buf[head_len..] {
+        [] => BytesMut::new(),
+        rest => BytesMut::from(rest),
+    };
     Ok(UpstreamConn {
         io,
         protocol,

@@ -34,6 +34,26 @@ pub fn server_binary() -> PathBuf {
     );
 }
 
+/// Redis 7 for the compatibility runs: WSBROKER_REDIS_BIN, else
+/// redis-server on PATH; fails with an install hint.
+pub fn redis_binary() -> PathBuf {
+    if let Ok(bin) = std::env::var("WSBROKER_REDIS_BIN") {
+        if !bin.is_empty() {
+            return PathBuf::from(bin);
+        }
+    }
+    let out = Command::new("sh")
+        .args(["-c", "command -v redis-server"])
+        .output()
+        .expect("sh");
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success() && !path.is_empty(),
+        "redis-server not found: apt-get install redis-server, or set WSBROKER_REDIS_BIN (scripts/test installs it)"
+    );
+    PathBuf::from(path)
+}
+
 /// One valkey-server process on a loopback port.
 pub struct Valkey {
     pub child: Option<Child>,
@@ -119,6 +139,18 @@ impl Valkey {
             .query_async(&mut c)
             .await
             .expect("KEYS")
+    }
+
+    /// A set's members, sorted.
+    pub async fn members(&self, key: &str) -> Vec<String> {
+        let mut c = self.conn().await;
+        let mut m: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .expect("SMEMBERS");
+        m.sort();
+        m
     }
 
     pub async fn get(&self, key: &str) -> Option<String> {

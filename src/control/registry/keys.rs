@@ -23,8 +23,17 @@ impl Keys {
         }
     }
 
+    /// `{prefix}{kind}{id}` in one allocation of the exact size.
+    fn join(&self, kind: &str, id: &str) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + kind.len() + id.len());
+        key.push_str(&self.prefix);
+        key.push_str(kind);
+        key.push_str(id);
+        key
+    }
+
     pub fn node(&self, id: &str) -> String {
-        format!("{}node:{id}", self.prefix)
+        self.join("node:", id)
     }
 
     /// Prefix the claim script appends an owner id to.
@@ -37,11 +46,11 @@ impl Keys {
     }
 
     pub fn node_sessions(&self, id: &str) -> String {
-        format!("{}node-sessions:{id}", self.prefix)
+        self.join("node-sessions:", id)
     }
 
     pub fn session(&self, sid: &str) -> String {
-        format!("{}session:{sid}", self.prefix)
+        self.join("session:", sid)
     }
 
     pub fn gc(&self, id: &str) -> String {

@@ -4,6 +4,7 @@
 //! session ends; the membership loop (`control::membership`) does the rest.
 
 pub mod keys;
+pub mod lane;
 mod memory;
 mod scripts;
 pub mod sentinel;
@@ -84,8 +85,14 @@ pub struct ValkeyState {
     ends_rx: std::sync::Mutex<Option<mpsc::Receiver<SessionEnd>>>,
 }
 
-/// A session that ended, at its epoch.
-type SessionEnd = (Arc<str>, u64);
+/// A session that ended, at its epoch, with the upstream on record when
+/// known (the registry's value is then known exactly).
+#[derive(Debug, Clone)]
+pub struct SessionEnd {
+    pub session: Arc<str>,
+    pub epoch: u64,
+    pub upstream: Option<String>,
+}
 
 /// Session ends queued for the registry; past this, an end is written on
 /// its own.
@@ -183,7 +190,11 @@ impl Registry {
     pub async fn claim(&self, session: &str, proposed: &str) -> Result<Claim, RegistryError> {
         match self {
             Registry::Memory(m) => Ok(m.claim(session, proposed)),
-            Registry::Valkey(v) => v.registry.claim(session, !v.holding_off(), proposed).await,
+            // Boxed: the Valkey call's future is large, and would otherwise be
+            // carried inline by every connection's task.
+            Registry::Valkey(v) => {
+                Box::pin(v.registry.claim(session, !v.holding_off(), proposed)).await
+            }
         }
     }
 
@@ -192,7 +203,7 @@ impl Registry {
     pub async fn bump(&self, session: &str, seen: u64) -> Result<Option<u64>, RegistryError> {
         match self {
             Registry::Memory(_) => Ok(Some(seen + 1)),
-            Registry::Valkey(v) => v.registry.bump(session, seen).await,
+            Registry::Valkey(v) => Box::pin(v.registry.bump(session, seen)).await,
         }
     }
 
@@ -201,7 +212,7 @@ impl Registry {
         match self {
             Registry::Memory(m) => m.set_upstream(session, epoch, upstream),
             Registry::Valkey(v) => {
-                if let Err(e) = v.registry.set_upstream(session, epoch, upstream).await {
+                if let Err(e) = Box::pin(v.registry.set_upstream(session, epoch, upstream)).await {
                     tracing::debug!(session, error = %e, "could not record the upstream");
                 }
             }
@@ -209,15 +220,21 @@ impl Registry {
     }
 
     /// The session ended for good: forget it (if still ours at `epoch`).
-    /// On Valkey the end is queued and written in a batch with others.
-    pub async fn session_ended(&self, session: &Arc<str>, epoch: u64) {
+    /// `upstream`: the one on record, when known. On Valkey the end is
+    /// queued and written in a batch with others.
+    pub async fn session_ended(&self, session: &Arc<str>, epoch: u64, upstream: Option<&str>) {
         match self {
             Registry::Memory(m) => m.ended(session, epoch),
             Registry::Valkey(v) => {
-                if v.ends.try_send((session.clone(), epoch)).is_ok() {
+                let end = SessionEnd {
+                    session: session.clone(),
+                    epoch,
+                    upstream: upstream.map(str::to_string),
+                };
+                if v.ends.try_send(end).is_ok() {
                     return;
                 }
-                if let Err(e) = v.registry.end(session, epoch).await {
+                if let Err(e) = Box::pin(v.registry.end(session, epoch)).await {
                     tracing::debug!(session = %session, error = %e, "could not remove the session key");
                 }
             }

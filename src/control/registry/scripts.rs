@@ -4,11 +4,15 @@
 //!
 //! A session value is `owner|epoch|upstream`; owner "" means released.
 
-/// Claim a session for ARGV[1], or say who owns it.
+/// Claim an existing session for ARGV[1], or say who owns it. (A new
+/// session is claimed without a script: `SET NX GET` with the session id
+/// added to the node's set in the same pipeline; this script runs when
+/// that found a value, and takes the speculative set entry back out when
+/// the session stays another node's.)
 /// KEYS: session, my node-sessions set. ARGV: me, node key prefix,
 /// session id, allow takeover ("1"/"0"), the upstream this node would
-/// open (recorded when the session has none yet, so a new session costs
-/// one round trip).
+/// open (recorded when the session has none yet), "1" when the session id
+/// was added to my set speculatively.
 /// Returns {verdict, epoch, upstream, detail}: verdict is new | takeover |
 /// mine | owned (detail = owner's node record) | wait (owner not live, but
 /// takeovers are on hold).
@@ -24,10 +28,9 @@ if owner == ARGV[1] then
 end
 if owner ~= '' then
   local node = redis.call('GET', ARGV[2] .. owner)
-  if node then
-    return {'owned', epoch, up, node}
-  end
-  if ARGV[4] ~= '1' then
+  if node or ARGV[4] ~= '1' then
+    if ARGV[6] == '1' then redis.call('SREM', KEYS[2], ARGV[3]) end
+    if node then return {'owned', epoch, up, node} end
     return {'wait', epoch, up, owner}
   end
 end

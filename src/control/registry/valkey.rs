@@ -1,8 +1,10 @@
 //! The clustered registry on Valkey (or Redis): one multiplexed
 //! connection, re-opened after any failure, every call bounded by a
-//! timeout, ownership changed only through the scripts in `scripts.rs`.
+//! timeout, ownership changed only through the scripts in `scripts.rs`
+//! (and, for a new session and a session's end, the plain commands sent
+//! on the fast lane, `lane.rs`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -11,9 +13,10 @@ use redis::{AsyncConnectionConfig, Script};
 use serde::{Deserialize, Serialize};
 
 use super::keys::Keys;
+use super::lane::{Lane, LaneAuth, Reply};
 use super::scripts;
 use super::sentinel::{self, Auth};
-use super::{Claim, RegistryError};
+use super::{Claim, RegistryError, SessionEnd};
 use crate::clock;
 use crate::config::Config;
 
@@ -80,6 +83,14 @@ pub struct ValkeyRegistry {
     /// Bumped on every new connection: the membership loop re-asserts
     /// everything when it changes.
     generation: AtomicU64,
+    /// The fast lane for claims of new sessions and for session ends.
+    lane: std::sync::Mutex<Option<Arc<Lane>>>,
+    /// Held while a lane is being opened.
+    lane_open: tokio::sync::Mutex<()>,
+    lane_auth: LaneAuth,
+    /// The server knows `DELIFEQ` (Valkey 9): a session end is a plain
+    /// command instead of a script. Cleared on the first "unknown command".
+    delifeq: AtomicBool,
     claim: Script,
     bump: Script,
     set_upstream: Script,
@@ -102,6 +113,20 @@ impl ValkeyRegistry {
             username: config.valkey.username.clone(),
             password: config.valkey.password.clone(),
             db: url_info.redis_settings().db(),
+        };
+        let lane_auth = {
+            let url = url_info.redis_settings();
+            let pick = |configured: &str, from_url: Option<&str>| {
+                Some(configured)
+                    .filter(|c| !c.is_empty())
+                    .or(from_url)
+                    .map(str::to_string)
+            };
+            LaneAuth {
+                username: pick(&config.valkey.username, url.username()),
+                password: pick(&config.valkey.password, url.password()),
+                db: url.db(),
+            }
         };
         let (target, primary) = if config.valkey.sentinels.is_empty() {
             let client = if auth.username.is_empty() && auth.password.is_empty() {
@@ -151,6 +176,10 @@ impl ValkeyRegistry {
             switched: tokio::sync::Notify::new(),
             conn: tokio::sync::Mutex::new(None),
             generation: AtomicU64::new(0),
+            lane: std::sync::Mutex::new(None),
+            lane_open: tokio::sync::Mutex::new(()),
+            lane_auth,
+            delifeq: AtomicBool::new(true),
             claim: Script::new(scripts::CLAIM),
             bump: Script::new(scripts::BUMP),
             set_upstream: Script::new(scripts::SET_UPSTREAM),
@@ -235,12 +264,12 @@ impl ValkeyRegistry {
                     if readonly {
                         tracing::warn!(primary = %self.primary(), "registry server is read-only; finding the primary again");
                     }
-                    *self.conn.lock().await = None;
+                    self.reconnect().await;
                 }
                 Err(unavailable(e))
             }
             Err(_) => {
-                *self.conn.lock().await = None;
+                self.reconnect().await;
                 Err(unavailable("timed out"))
             }
         }
@@ -345,6 +374,29 @@ impl ValkeyRegistry {
         proposed: &str,
     ) -> Result<Claim, RegistryError> {
         let keys = [self.keys.session(sid), self.keys.node_sessions(&self.me.id)];
+        // A new session, the common case, costs two plain commands in one
+        // round trip: its id goes into this node's set first (a node that
+        // dies between the two leaves nothing uncollected), then the key is
+        // created only if absent. A value found there goes to the script.
+        let value = format!("{}|1|{proposed}", self.me.id);
+        let replies = self
+            .lane_call(&[
+                &[b"SADD", keys[1].as_bytes(), sid.as_bytes()],
+                &[b"SET", keys[0].as_bytes(), value.as_bytes(), b"NX", b"GET"],
+            ])
+            .await?;
+        match replies.get(1) {
+            Some(Reply::Nil) => {
+                return Ok(Claim::Owned {
+                    epoch: 1,
+                    prefer: (!proposed.is_empty()).then(|| proposed.to_string()),
+                    took_over: false,
+                })
+            }
+            Some(Reply::Bulk(_)) => {}
+            Some(Reply::Error(e)) => return Err(unavailable(e)),
+            _ => return Err(unavailable("unexpected reply to SET")),
+        }
         let allow = if allow_takeover { "1" } else { "0" };
         let args = [
             self.me.id.clone(),
@@ -352,6 +404,7 @@ impl ValkeyRegistry {
             sid.to_string(),
             allow.to_string(),
             proposed.to_string(),
+            "1".to_string(),
         ];
         let (verdict, epoch, upstream, detail): (String, u64, String, String) =
             self.eval(&self.claim, &keys, &args).await?;
@@ -409,14 +462,57 @@ impl ValkeyRegistry {
     }
 
     /// Records the end of many sessions in one pipelined round trip (each
-    /// deleted only if still this node's at that epoch).
-    pub async fn end_many(&self, ends: &[(Arc<str>, u64)]) -> Result<(), RegistryError> {
-        let mut pipe = redis::pipe();
+    /// deleted only if still this node's at that epoch). With the upstream
+    /// known and a server that has `DELIFEQ`, an end is two plain commands;
+    /// a key that did not hold exactly the expected value is checked again
+    /// by the script.
+    pub async fn end_many(&self, ends: &[SessionEnd]) -> Result<(), RegistryError> {
         let me = self.me.id.clone();
         let set = self.keys.node_sessions(&me);
-        for (sid, epoch) in ends {
-            let keys = [self.keys.session(sid), set.clone()];
-            let args = [me.clone(), epoch.to_string(), sid.to_string()];
+        let plain = self.delifeq.load(Ordering::Relaxed);
+        let mut by_script = Vec::new();
+        let mut checked = Vec::new();
+        let mut keys = Vec::new();
+        let mut values = Vec::new();
+        for end in ends {
+            match (&end.upstream, plain) {
+                (Some(up), true) => {
+                    keys.push(self.keys.session(&end.session));
+                    values.push(format!("{me}|{}|{up}", end.epoch));
+                    checked.push(end);
+                }
+                _ => by_script.push(end),
+            }
+        }
+        if !checked.is_empty() {
+            let mut commands: Vec<[&[u8]; 3]> = Vec::with_capacity(2 * checked.len());
+            for ((end, key), value) in checked.iter().zip(&keys).zip(&values) {
+                commands.push([b"SREM", set.as_bytes(), end.session.as_bytes()]);
+                commands.push([b"DELIFEQ", key.as_bytes(), value.as_bytes()]);
+            }
+            let commands: Vec<&[&[u8]]> = commands.iter().map(|c| &c[..]).collect();
+            let replies = self.lane_call(&commands).await?;
+            // Replies pair up with commands: SREM, DELIFEQ, SREM, ...
+            for (end, deleted) in checked.iter().zip(replies.iter().skip(1).step_by(2)) {
+                match deleted {
+                    Reply::Int(1) => {}
+                    Reply::Error(e) if e.to_ascii_lowercase().contains("unknown command") => {
+                        // Redis, or a Valkey before 9.
+                        self.delifeq.store(false, Ordering::Relaxed);
+                        by_script.push(end);
+                    }
+                    // Not exactly the value expected: the script decides.
+                    _ => by_script.push(end),
+                }
+            }
+        }
+        if by_script.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for end in by_script {
+            let keys = [self.keys.session(&end.session), set.clone()];
+            let args = [me.clone(), end.epoch.to_string(), end.session.to_string()];
             pipe.add_command(evalsha(&self.end, &keys, &args)).ignore();
         }
         let first = {
@@ -661,9 +757,74 @@ impl ValkeyRegistry {
             .any(Option::is_some)
     }
 
-    /// Drops the current connection: the next call finds the primary anew.
+    /// Drops the current connection and the lane: the next call finds the
+    /// primary anew.
     pub async fn reconnect(&self) {
         *self.conn.lock().await = None;
+        self.drop_lane();
+    }
+
+    fn drop_lane(&self) {
+        let old = self.lane.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(old);
+    }
+
+    /// The lane, if open, healthy and on the general connection's primary.
+    fn current_lane(&self) -> Option<Arc<Lane>> {
+        let lane = self.lane.lock().unwrap_or_else(|p| p.into_inner());
+        lane.as_ref()
+            .filter(|l| !l.is_dead() && l.generation == self.generation())
+            .cloned()
+    }
+
+    /// The fast lane, opened to the primary the general connection uses
+    /// (which is opened first when there is none: it finds the primary).
+    async fn lane(&self) -> Result<Arc<Lane>, RegistryError> {
+        if let Some(lane) = self.current_lane() {
+            return Ok(lane);
+        }
+        let _opening = self.lane_open.lock().await;
+        if let Some(lane) = self.current_lane() {
+            return Ok(lane);
+        }
+        self.conn().await?;
+        let generation = self.generation();
+        let primary = self.primary();
+        let (host, port) =
+            sentinel::split_addr(&primary).ok_or_else(|| unavailable("bad primary address"))?;
+        let lane = Lane::open(
+            (&host, port),
+            &self.lane_auth,
+            generation,
+            self.op_timeout * 2,
+        )
+        .await
+        .map_err(unavailable)?;
+        let lane = Arc::new(lane);
+        *self.lane.lock().unwrap_or_else(|p| p.into_inner()) = Some(lane.clone());
+        Ok(lane)
+    }
+
+    /// One pipeline on the fast lane. An error reply is returned as such;
+    /// `READONLY` (a demoted primary) also drops both connections.
+    async fn lane_call(&self, commands: &[&[&[u8]]]) -> Result<Vec<Reply>, RegistryError> {
+        let lane = self.lane().await?;
+        let replies = match lane.call(commands, self.op_timeout).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.drop_lane();
+                return Err(unavailable(e));
+            }
+        };
+        let readonly = replies
+            .iter()
+            .any(|r| matches!(r, Reply::Error(e) if e.starts_with("READONLY")));
+        if readonly {
+            tracing::warn!(primary = %self.primary(), "registry server is read-only; finding the primary again");
+            self.reconnect().await;
+            return Err(unavailable("registry server is read-only"));
+        }
+        Ok(replies)
     }
 
     /// Follows Sentinel `+switch-master` notices until `stop` (no-op
