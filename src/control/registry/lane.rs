@@ -258,7 +258,7 @@ impl Lane {
                 let mut w = self.write.lock().await;
                 // Whatever is queued now goes out in one write; a call
                 // whose bytes another caller already wrote finds nothing.
-                let out = std::mem::take(&mut self.shared.lock().out);
+                let mut out = std::mem::take(&mut self.shared.lock().out);
                 if !out.is_empty() {
                     let mut guard = WriteGuard {
                         shared: &self.shared,
@@ -268,6 +268,13 @@ impl Lane {
                         .await
                         .map_err(|e| LaneError::Io(e.to_string()))?;
                     guard.done = true;
+                    // Give the buffer back for the next calls' commands,
+                    // unless some arrived meanwhile or it grew large.
+                    out.clear();
+                    let mut q = self.shared.lock();
+                    if q.out.is_empty() && out.capacity() <= MAX_REPLY {
+                        q.out = out;
+                    }
                 }
             }
             rx.await.map_err(|_| LaneError::Closed)?
@@ -325,6 +332,8 @@ async fn read_replies(mut rd: OwnedReadHalf, mut buf: BytesMut, shared: Arc<Shar
 
 /// Appends one command in RESP.
 pub fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
+    // `$len\r\n` + arg + `\r\n` per argument, after `*n\r\n`.
+    out.reserve(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
     let mut digits = [0u8; 20];
     out.push(b'*');
     out.extend_from_slice(decimal(args.len() as u64, &mut digits));

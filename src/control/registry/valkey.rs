@@ -88,6 +88,8 @@ pub struct ValkeyRegistry {
     /// Held while a lane is being opened.
     lane_open: tokio::sync::Mutex<()>,
     lane_auth: LaneAuth,
+    /// This node's session set key (`node-sessions:{id}`).
+    my_set: String,
     /// The server knows `DELIFEQ` (Valkey 9): a session end is a plain
     /// command instead of a script. Cleared on the first "unknown command".
     delifeq: AtomicBool,
@@ -179,6 +181,7 @@ impl ValkeyRegistry {
             lane: std::sync::Mutex::new(None),
             lane_open: tokio::sync::Mutex::new(()),
             lane_auth,
+            my_set: Keys::new(&config.cluster.key_prefix).node_sessions(&config.node.id),
             delifeq: AtomicBool::new(true),
             claim: Script::new(scripts::CLAIM),
             bump: Script::new(scripts::BUMP),
@@ -373,16 +376,25 @@ impl ValkeyRegistry {
         allow_takeover: bool,
         proposed: &str,
     ) -> Result<Claim, RegistryError> {
-        let keys = [self.keys.session(sid), self.keys.node_sessions(&self.me.id)];
+        let session_key = self.keys.session(sid);
         // A new session, the common case, costs two plain commands in one
         // round trip: its id goes into this node's set first (a node that
         // dies between the two leaves nothing uncollected), then the key is
         // created only if absent. A value found there goes to the script.
-        let value = format!("{}|1|{proposed}", self.me.id);
+        let mut value = String::with_capacity(self.me.id.len() + 3 + proposed.len());
+        value.push_str(&self.me.id);
+        value.push_str("|1|");
+        value.push_str(proposed);
         let replies = self
             .lane_call(&[
-                &[b"SADD", keys[1].as_bytes(), sid.as_bytes()],
-                &[b"SET", keys[0].as_bytes(), value.as_bytes(), b"NX", b"GET"],
+                &[b"SADD", self.my_set.as_bytes(), sid.as_bytes()],
+                &[
+                    b"SET",
+                    session_key.as_bytes(),
+                    value.as_bytes(),
+                    b"NX",
+                    b"GET",
+                ],
             ])
             .await?;
         match replies.get(1) {
@@ -397,6 +409,7 @@ impl ValkeyRegistry {
             Some(Reply::Error(e)) => return Err(unavailable(e)),
             _ => return Err(unavailable("unexpected reply to SET")),
         }
+        let keys = [session_key, self.my_set.clone()];
         let allow = if allow_takeover { "1" } else { "0" };
         let args = [
             self.me.id.clone(),
@@ -468,7 +481,7 @@ impl ValkeyRegistry {
     /// by the script.
     pub async fn end_many(&self, ends: &[SessionEnd]) -> Result<(), RegistryError> {
         let me = self.me.id.clone();
-        let set = self.keys.node_sessions(&me);
+        let set = &self.my_set;
         let plain = self.delifeq.load(Ordering::Relaxed);
         let mut by_script = Vec::new();
         let mut checked = Vec::new();
