@@ -163,8 +163,10 @@ impl ValkeyRegistry {
             instance: instance.iter().map(|b| format!("{b:02x}")).collect(),
         };
         let hb = config.cluster.heartbeat_interval;
+        let keys = Keys::new(&config.cluster.key_prefix);
+        let my_set = keys.node_sessions(&config.node.id);
         Ok(ValkeyRegistry {
-            keys: Keys::new(&config.cluster.key_prefix),
+            keys,
             record_json: serde_json::to_string(&me).unwrap_or_default(),
             me,
             stale_ttl: config.cluster.stale_ttl,
@@ -181,7 +183,7 @@ impl ValkeyRegistry {
             lane: std::sync::Mutex::new(None),
             lane_open: tokio::sync::Mutex::new(()),
             lane_auth,
-            my_set: Keys::new(&config.cluster.key_prefix).node_sessions(&config.node.id),
+            my_set,
             delifeq: AtomicBool::new(true),
             claim: Script::new(scripts::CLAIM),
             bump: Script::new(scripts::BUMP),
