@@ -11,7 +11,13 @@
 //! `target/compare.json`. `WSBROKER_BENCH_WRAP="valgrind --tool=callgrind"`
 //! runs the single wsbroker node under a profiler;
 //! `WSBROKER_BENCH_WORKERS=N` sets the wsbroker nodes' worker threads;
-//! `-- --only wsbroker,nginx` measures only the targets named.
+//! `-- --only wsbroker,nginx` measures only the targets named, and
+//! `-- --phases messages,sessions,idle` only the phases named.
+//! `WSBROKER_BENCH_SPLIT=1` prints, per phase and round, where the two
+//! cores' time went (proxy, clients and upstream, idle) and the proxy's
+//! context switches. `WSBROKER_BENCH_ALT_WRAP="env VAR=value"` adds a
+//! second single node, `wsbroker-alt`, started through that wrapper, for
+//! an A/B comparison within one run.
 
 mod common;
 
@@ -130,7 +136,7 @@ fn spawn_wsbroker(
     id: &str,
     app: SocketAddr,
     cluster: &str,
-    wrap: bool,
+    wrap: &str,
 ) -> (Proc, SocketAddr) {
     let addr = loopback();
     let path = dir.join(format!("{id}.toml"));
@@ -139,9 +145,13 @@ fn spawn_wsbroker(
         format!("[node]\nid = \"{id}\"\nlisten = \"{addr}\"\n[upstream]\nservers = [\"ws://{app}\"]\n[log]\nlevel = \"error\"\n{cluster}"),
     )
     .expect("config");
-    let wrapper = std::env::var("WSBROKER_BENCH_WRAP").unwrap_or_default();
+    // `wrap`: the variable naming a wrapper command ("": none).
+    let wrapper = match wrap {
+        "" => String::new(),
+        var => std::env::var(var).unwrap_or_default(),
+    };
     let mut words = wrapper.split_whitespace();
-    let mut cmd = match words.next().filter(|_| wrap) {
+    let mut cmd = match words.next() {
         Some(program) => {
             let mut c = Command::new(program);
             c.args(words).arg(env!("CARGO_BIN_EXE_wsbroker"));
@@ -161,14 +171,14 @@ fn spawn_wsbroker(
     (Proc(child), addr)
 }
 
-fn start_wsbroker(dir: &Path, app: SocketAddr) -> Target {
-    let (proc_, addr) = spawn_wsbroker(dir, "bench", app, "", true);
+fn start_wsbroker(dir: &Path, app: SocketAddr, name: &'static str, wrap: &str) -> Target {
+    let (proc_, addr) = spawn_wsbroker(dir, name, app, "", wrap);
     let pid = proc_.0.id();
     Target {
-        name: "wsbroker",
+        name,
         addr,
         owner: None,
-        pids: Box::new(move || vec![pid]),
+        pids: Box::new(move || children_of(pid)),
         phases: ALL,
         _procs: vec![proc_],
     }
@@ -182,9 +192,9 @@ fn start_cluster(dir: &Path, app: SocketAddr) -> (Target, Target) {
     let cluster = format!(
         "[cluster]\nregistry = \"valkey\"\nsecret = \"bench-secret\"\nheartbeat_interval = \"500ms\"\nstale_ttl = \"3s\"\n[valkey]\nurl = \"redis://127.0.0.1:{vport}/0\"\n"
     );
-    let (a, a_addr) = spawn_wsbroker(dir, "a", app, &cluster, false);
-    let (b, b_addr) = spawn_wsbroker(dir, "b", app, &cluster, false);
-    let (c, _) = spawn_wsbroker(dir, "c", app, &cluster, false);
+    let (a, a_addr) = spawn_wsbroker(dir, "a", app, &cluster, "");
+    let (b, b_addr) = spawn_wsbroker(dir, "b", app, &cluster, "");
+    let (c, _) = spawn_wsbroker(dir, "c", app, &cluster, "");
     let (apid, bpid) = (a.0.id(), b.0.id());
     let on_registry = Target {
         name: "wsbroker-valkey",
@@ -481,8 +491,12 @@ async fn measure(t: &Target, s: &Settings, round: usize) -> Row {
     let mut row = Row::default();
     if t.phases.messages {
         let (cpu0, _) = cpu_and_rss(&pids);
+        let split = Split::now(&pids);
         let (rtt_rate, lat) = round_trip(t, s, &tag).await;
+        split.print(t.name, "rtt", &pids, s.rtt_clients * s.rtt_messages);
+        let split = Split::now(&pids);
         let tp = throughput(t, s, &tag).await;
+        split.print(t.name, "tp", &pids, s.tp_clients * s.tp_messages);
         let (cpu1, _) = cpu_and_rss(&pids);
         let msgs = (s.rtt_clients * s.rtt_messages + s.tp_clients * s.tp_messages) as f64;
         let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1e6;
@@ -495,7 +509,10 @@ async fn measure(t: &Target, s: &Settings, round: usize) -> Row {
     }
     if t.phases.sessions {
         let (cpu0, _) = cpu_and_rss(&pids);
+        let split = Split::now(&pids);
         row.new_sessions_per_s = upgrades(t, s, &tag, false).await;
+        let units = s.handshakes / s.parallel * s.parallel;
+        split.print(t.name, "new", &pids, units);
         let (cpu1, _) = cpu_and_rss(&pids);
         row.reattach_per_s = upgrades(t, s, &tag, true).await;
         let n = (s.handshakes / s.parallel * s.parallel) as f64;
@@ -534,6 +551,76 @@ async fn idle_memory(t: &Target, n: usize) -> f64 {
         close(ws).await;
     }
     after.saturating_sub(before) as f64 / n as f64
+}
+
+/// Context switches (voluntary and not) of every thread of `pids`.
+fn ctx_switches(pids: &[u32]) -> f64 {
+    let mut n = 0.0;
+    for p in pids {
+        let Ok(threads) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in threads.flatten() {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            n += status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+    }
+    n
+}
+
+/// Where the machine's time goes during a phase: the proxy's CPU, this
+/// process's (clients and echo upstream), idle CPU, and the proxy's
+/// context switches (printed per unit with `WSBROKER_BENCH_SPLIT=1`).
+struct Split {
+    proxy: f64,
+    bench: f64,
+    idle: f64,
+    switches: f64,
+    at: Instant,
+}
+
+impl Split {
+    fn now(pids: &[u32]) -> Split {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let ticks: Vec<f64> = stat
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // idle + iowait, in USER_HZ (100 per second) ticks.
+        let idle = (ticks.get(3).unwrap_or(&0.0) + ticks.get(4).unwrap_or(&0.0)) / 100.0;
+        Split {
+            proxy: cpu_and_rss(pids).0,
+            bench: proc_stat(std::process::id()).0,
+            idle,
+            switches: ctx_switches(pids),
+            at: Instant::now(),
+        }
+    }
+
+    /// Prints the phase since `self`, per unit (message or session).
+    fn print(&self, name: &str, phase: &str, pids: &[u32], units: usize) {
+        if std::env::var_os("WSBROKER_BENCH_SPLIT").is_none() {
+            return;
+        }
+        let end = Split::now(pids);
+        let per = |a: f64, b: f64| (b - a) * 1e6 / units as f64;
+        eprintln!(
+            "{name:>16} {phase:>3}: proxy {:7.2} us, clients+upstream {:7.2} us, idle {:6.2} us, 2 cores x wall {:7.2} us, proxy context switches {:5.2} per unit",
+            per(self.proxy, end.proxy),
+            per(self.bench, end.bench),
+            per(self.idle, end.idle),
+            end.at.duration_since(self.at).as_secs_f64() * 2e6 / units as f64,
+            (end.switches - self.switches) / units as f64,
+        );
+    }
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -616,10 +703,10 @@ async fn run(s: Settings, fds: u64) {
         },
         _procs: Vec::new(),
     };
-    let single = start_wsbroker(&dir, app);
+    let single = start_wsbroker(&dir, app, "wsbroker", "WSBROKER_BENCH_WRAP");
     let (single_pid, single_addr) = (single._procs[0].0.id(), single.addr);
     let (on_registry, hop) = start_cluster(&dir, app);
-    let targets = vec![
+    let mut targets = vec![
         direct,
         single,
         start_nginx(&dir, "nginx", app, None),
@@ -628,13 +715,30 @@ async fn run(s: Settings, fds: u64) {
         start_nginx(&dir, "nginx+wsbroker", single_addr, Some(single_pid)),
         hop,
     ];
+    if std::env::var_os("WSBROKER_BENCH_ALT_WRAP").is_some() {
+        targets.push(start_wsbroker(
+            &dir,
+            app,
+            "wsbroker-alt",
+            "WSBROKER_BENCH_ALT_WRAP",
+        ));
+    }
     let only: Option<Vec<String>> = std::env::args()
         .skip_while(|a| a != "--only")
         .nth(1)
         .map(|list| list.split(',').map(str::to_string).collect());
+    let phases: Option<String> = std::env::args().skip_while(|a| a != "--phases").nth(1);
     let targets: Vec<Target> = targets
         .into_iter()
         .filter(|t| only.as_ref().is_none_or(|o| o.iter().any(|n| n == t.name)))
+        .map(|mut t| {
+            if let Some(p) = &phases {
+                t.phases.messages &= p.contains("messages");
+                t.phases.sessions &= p.contains("sessions");
+                t.phases.idle &= p.contains("idle");
+            }
+            t
+        })
         .collect();
     for t in &targets {
         wait_ready(t).await;

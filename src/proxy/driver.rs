@@ -112,6 +112,8 @@ pub struct Driver {
     pending_sends: VecDeque<Vec<u8>>,
     /// The upstream sent a Close frame.
     upstream_closed: bool,
+    /// The upstream's end of the stream was read: nothing is left to drain.
+    upstream_eof: bool,
     /// A close handshake is under way; the session stops by this time.
     closing_deadline: Option<Instant>,
     /// A scheduled end (drain jitter).
@@ -165,6 +167,7 @@ impl Driver {
             }),
             pending_sends: VecDeque::new(),
             upstream_closed: false,
+            upstream_eof: false,
             closing_deadline: None,
             end_at: None,
             idle_check,
@@ -271,11 +274,14 @@ impl Driver {
                 // Commands are rare and their handling large: boxed.
                 Wake::Cmd(cmd) => Box::pin(self.on_cmd(cmd)).await,
                 Wake::Upstream(Ok(n)) if n > 0 => self.on_upstream_bytes().await,
-                Wake::Upstream(_) => Some(if self.upstream_closed {
-                    Stop::Done
-                } else {
-                    Stop::UpstreamLost
-                }),
+                Wake::Upstream(r) => {
+                    self.upstream_eof = matches!(r, Ok(0));
+                    Some(if self.upstream_closed {
+                        Stop::Done
+                    } else {
+                        Stop::UpstreamLost
+                    })
+                }
                 Wake::Timer => self.on_timer(),
             };
             if let Some(stop) = stop {
@@ -741,7 +747,9 @@ impl Driver {
         if let Ok(mut w) = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, self.up_write.lock()).await {
             let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, w.io.shutdown()).await;
         }
-        Box::pin(client_reader::linger(&mut self.up_read)).await;
+        if !self.upstream_eof {
+            Box::pin(client_reader::linger(&mut self.up_read)).await;
+        }
     }
 }
 
