@@ -42,6 +42,21 @@ pub struct Reader {
     pub kicked: CancellationToken,
 }
 
+/// A reader ready to run on the task that answered its client's upgrade
+/// (no task of its own for a session's first client).
+pub struct ReaderStart {
+    pub reader: Reader,
+    pub rd: ReadSide,
+    /// Bytes read past the handshake.
+    pub leftover: Bytes,
+}
+
+impl ReaderStart {
+    pub fn run(self) -> impl std::future::Future<Output = ()> + Send {
+        self.reader.run(self.rd, self.leftover)
+    }
+}
+
 /// Waits for an optional timer; never completes without one.
 async fn maybe_sleep(timer: &mut Option<Pin<Box<Sleep>>>) {
     match timer {

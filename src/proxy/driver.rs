@@ -23,10 +23,10 @@ use tokio_util::sync::CancellationToken;
 use bytes::BytesMut;
 
 use super::buffer::ReadBuffer;
-use super::client_reader::{self, SharedUpstream, UpstreamWriter};
+use super::client_reader::{self, ReaderStart, SharedUpstream, UpstreamWriter};
 use super::frame::{self, Event, FrameError, FrameScanner};
 use super::io::{ClientConn, ReadSide, UpstreamIo, WriteSide};
-use super::session::{Cmd, ConnGuard, EndReason, Session};
+use super::session::{Cmd, ConnGuard, EndReason, Reservation, Session};
 use crate::broker::Broker;
 use crate::clock;
 use crate::control::upstreams::UpstreamLease;
@@ -128,6 +128,56 @@ enum Wake {
     Cmd(Cmd),
     Upstream(std::io::Result<usize>),
     Timer,
+}
+
+/// A created session's driver that has not started yet: it starts with
+/// the session's first client already attached once that client has its
+/// 101 (no command round trip, and the client's reader runs on the task
+/// that answered it), or without a client when the upgrade did not finish.
+/// Dropped unstarted, it starts without a client: a created session always
+/// gets its driver (and so its end, and its registry entry's removal).
+pub struct PendingDriver(Option<Driver>);
+
+impl PendingDriver {
+    pub fn new(driver: Driver) -> PendingDriver {
+        PendingDriver(Some(driver))
+    }
+
+    /// Starts the driver with `io` attached through `reservation` (the
+    /// session's first place); returns the client's reader, to be run by
+    /// the caller.
+    pub fn start_with(
+        mut self,
+        reservation: Reservation,
+        io: ClientConn,
+        conn: ConnGuard,
+    ) -> Option<ReaderStart> {
+        let mut driver = self.0.take()?;
+        let reader = reservation
+            .into_first_place()
+            .map(|kicked| driver.attach_first(io, kicked, conn));
+        let tasks = driver.broker.tasks.clone();
+        tasks.spawn(driver.run());
+        reader
+    }
+
+    /// Starts the driver with no client (the hyper path attaches its client
+    /// through a command once the upgrade completes).
+    pub fn start(mut self) {
+        if let Some(driver) = self.0.take() {
+            let tasks = driver.broker.tasks.clone();
+            tasks.spawn(driver.run());
+        }
+    }
+}
+
+impl Drop for PendingDriver {
+    fn drop(&mut self) {
+        // Outside a runtime (it is shutting down) there is nothing to run on.
+        if self.0.is_some() && tokio::runtime::Handle::try_current().is_ok() {
+            PendingDriver(self.0.take()).start();
+        }
+    }
 }
 
 impl Driver {
@@ -491,6 +541,45 @@ impl Driver {
             synced: self.scanner.at_message_boundary(),
         });
         tracing::debug!(session = %self.session.id, "client dropped; session detached");
+    }
+
+    /// Attaches a new session's first client before the driver runs (no
+    /// one else can have attached or been kicked; nothing was relayed yet).
+    fn attach_first(
+        &mut self,
+        io: ClientConn,
+        kicked: CancellationToken,
+        conn: ConnGuard,
+    ) -> ReaderStart {
+        self.session.mark_attached();
+        let ClientConn {
+            read,
+            write,
+            leftover,
+        } = io;
+        // Upstream bytes that came with its 101 go to this client, first.
+        self.detached = None;
+        let id = self.next_client;
+        self.next_client += 1;
+        self.clients.reserve_exact(1);
+        self.clients.push(Client {
+            id,
+            writer: write,
+            kicked: kicked.clone(),
+            synced: true,
+            _conn: conn,
+        });
+        ReaderStart {
+            reader: client_reader::Reader {
+                broker: self.broker.clone(),
+                session: self.session.clone(),
+                client: id,
+                upstream: self.up_write.clone(),
+                kicked,
+            },
+            rd: read,
+            leftover,
+        }
     }
 
     async fn on_cmd(&mut self, cmd: Cmd) -> Option<Stop> {

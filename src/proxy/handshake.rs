@@ -13,6 +13,7 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 
+use super::driver::PendingDriver;
 use super::forward::{forward, Tunnel};
 use super::hop::HOP_HEADER;
 use super::io::ClientConn;
@@ -76,8 +77,12 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 pub enum After {
     /// The answer was not a 101: nothing.
     Nothing,
-    /// Hand the client to its session.
-    Attach(Reservation),
+    /// Hand the client to its session; `driver`: the session was created
+    /// for this upgrade and its driver waits to be started.
+    Attach {
+        reservation: Reservation,
+        driver: Option<PendingDriver>,
+    },
     /// Tunnel the client's bytes to the session's owner.
     Tunnel(Tunnel),
 }
@@ -101,7 +106,15 @@ pub async fn handle(
     let (response, after) = upgrade(parts, &conn, &broker).await;
     match after {
         After::Nothing => {}
-        After::Attach(reservation) => {
+        After::Attach {
+            reservation,
+            driver,
+        } => {
+            // Through hyper the client attaches once the upgrade completes,
+            // by a command to the running driver.
+            if let Some(d) = driver {
+                d.start();
+            }
             let guard = conn.guard.clone();
             broker.tasks.spawn(async move {
                 match on_upgrade.await {
@@ -272,8 +285,8 @@ async fn check_and_route(
     let routed = match route(broker, &id, &upstream_req, hopped).await {
         Ok(Decision::Local {
             reservation,
-            created,
-        }) => (reservation, created),
+            driver,
+        }) => (reservation, driver),
         Ok(Decision::Forward { node, advertise }) => {
             // Boxed: the hop's future is large and this path is the rarer one.
             let (response, tunnel) =
@@ -291,7 +304,8 @@ async fn check_and_route(
             return Err(text(status, &reason));
         }
     };
-    let (reservation, created) = routed;
+    let (reservation, driver) = routed;
+    let created = driver.is_some();
     let Some(session) = reservation.session().cloned() else {
         return Err(text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -339,7 +353,13 @@ async fn check_and_route(
         }
     }
 
-    Ok((resp, After::Attach(reservation)))
+    Ok((
+        resp,
+        After::Attach {
+            reservation,
+            driver,
+        },
+    ))
 }
 
 /// A Sec-WebSocket-Key is the base64 of 16 bytes: 24 characters.

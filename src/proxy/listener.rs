@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::client_reader::ReaderStart;
 use super::handshake::{self, After, Body, ConnInfo};
 use super::io::{ClientConn, MaybeTls, Prefixed, PublicStream};
 use crate::broker::Broker;
@@ -77,14 +78,15 @@ pub async fn serve(
                     tls: tls.is_some(),
                     guard: Arc::new(slot),
                 });
-                // Boxed: the task then moves a pointer, not the whole
-                // handshake state, each time tokio moves its stage.
-                broker.tasks.spawn(Box::pin(serve_connection(
-                    stream,
-                    info,
-                    broker.clone(),
-                    tls.clone(),
-                )));
+                // The handshake's state is boxed and freed once answered; a
+                // new session's first client is then read on this same task
+                // (which stays small).
+                let conn = Box::pin(serve_connection(stream, info, broker.clone(), tls.clone()));
+                broker.tasks.spawn(async move {
+                    if let Some(reader) = conn.await {
+                        reader.run().await;
+                    }
+                });
             }
             Err(_) => {
                 if let Ok(permit) = overload.clone().try_acquire_owned() {
@@ -97,12 +99,14 @@ pub async fn serve(
     }
 }
 
+/// Serves one connection up to the end of its handshake; returns the
+/// reader of a new session's first client, to run on the same task.
 async fn serve_connection(
     stream: TcpStream,
     info: Arc<ConnInfo>,
     broker: Arc<Broker>,
     tls: Option<tokio_rustls::TlsAcceptor>,
-) {
+) -> Option<ReaderStart> {
     let limits = &broker.config.limits;
     let io: PublicStream = match tls {
         None => MaybeTls::Plain(stream),
@@ -113,9 +117,9 @@ async fn serve_connection(
                 Ok(Ok(s)) => MaybeTls::Tls(Box::new(s)),
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed");
-                    return;
+                    return None;
                 }
-                Err(_) => return,
+                Err(_) => return None,
             }
         }
     };
@@ -124,11 +128,11 @@ async fn serve_connection(
     let mut buf = BytesMut::with_capacity(1024);
     let head = tokio::select! {
         h = tokio::time::timeout_at(deadline, read_head(&mut io, &mut buf, limits.max_header_bytes)) => h,
-        _ = broker.shutdown.cancelled() => return,
+        _ = broker.shutdown.cancelled() => return None,
     };
     match head {
         // Slow, incomplete or closed: dropped.
-        Err(_) | Ok(Head::Gone) => {}
+        Err(_) | Ok(Head::Gone) => None,
         Ok(Head::Upgrade { parts, len }) => {
             // Frames right behind the request are rare: copied out, so the
             // head buffer goes back now.
@@ -137,11 +141,12 @@ async fn serve_connection(
                 rest => Bytes::copy_from_slice(rest),
             };
             drop(buf);
-            answer_upgrade(io, *parts, leftover, info, broker).await;
+            answer_upgrade(io, *parts, leftover, info, broker).await
         }
         // Boxed: hyper's connection future is large; upgrades never need it.
         Ok(Head::Other) => {
-            Box::pin(serve_http(Prefixed::new(buf.freeze(), io), info, broker)).await
+            Box::pin(serve_http(Prefixed::new(buf.freeze(), io), info, broker)).await;
+            None
         }
     }
 }
@@ -212,30 +217,46 @@ fn upgrade_parts(req: &httparse::Request<'_, '_>) -> Option<Box<Parts>> {
 }
 
 /// Answers an upgrade request read by the listener, then hands the client
-/// to its session (or to the tunnel to its owner) on this same task.
+/// to its session (or to the tunnel to its owner) on this same task. A new
+/// session's first client comes back as a reader for this task to run.
 async fn answer_upgrade(
     mut io: PublicStream,
     parts: Parts,
     leftover: Bytes,
     info: Arc<ConnInfo>,
     broker: Arc<Broker>,
-) {
+) -> Option<ReaderStart> {
     let (response, after) = handshake::upgrade(parts, &info, &broker).await;
     let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-    if write_response(&mut io, response, upgraded).await.is_err() {
-        return;
-    }
+    // On failure `after` is dropped: a created session's driver then starts
+    // without a client and waits for one to resume.
+    write_response(&mut io, response, upgraded).await.ok()?;
     match after {
-        After::Attach(reservation) => {
+        After::Attach {
+            reservation,
+            driver: Some(driver),
+        } => {
+            let client = ClientConn::from_stream(io, leftover);
+            driver.start_with(reservation, client, info.guard.clone())
+        }
+        After::Attach {
+            reservation,
+            driver: None,
+        } => {
             let client = ClientConn::from_stream(io, leftover);
             reservation.attach(client, info.guard.clone()).await;
+            None
         }
         // Boxed: the rarer path.
-        After::Tunnel(tunnel) => Box::pin(tunnel.run(ClientConn::from_stream(io, leftover))).await,
+        After::Tunnel(tunnel) => {
+            Box::pin(tunnel.run(ClientConn::from_stream(io, leftover))).await;
+            None
+        }
         After::Nothing => {
             // The answer was an error: close, letting it reach the client.
             let _ = io.shutdown().await;
             super::client_reader::linger(&mut io).await;
+            None
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::driver::Driver;
+use super::driver::{Driver, PendingDriver};
 use super::session::{AttachRefused, Cmd, EndReason, Reservation, Session};
 use super::upstream_dial::{dial, DialError, DialRequest};
 use crate::broker::Broker;
@@ -60,8 +60,9 @@ pub enum Decision {
     /// A place on a session this node holds.
     Local {
         reservation: Reservation,
-        /// The session was created for this upgrade.
-        created: bool,
+        /// Some when the session was created for this upgrade: its driver,
+        /// to be started once the client has been answered.
+        driver: Option<PendingDriver>,
     },
     /// Another live node owns the session.
     Forward { node: String, advertise: String },
@@ -85,7 +86,7 @@ pub async fn route(
                 Ok(reservation) => {
                     return Ok(Decision::Local {
                         reservation,
-                        created: false,
+                        driver: None,
                     })
                 }
                 Err(AttachRefused::Busy) => return Err(RouteError::Busy),
@@ -202,18 +203,19 @@ async fn claim_and_create(
             OnRegistryDown::Reject => return Err(RouteError::RegistryDown(e)),
         },
     };
-    let reservation = create(broker, id, req, epoch, prefer.as_deref(), order).await?;
+    let (reservation, driver) = create(broker, id, req, epoch, prefer.as_deref(), order).await?;
     if took_over {
         broker.metrics.migrations.inc();
         tracing::info!(session = %id, epoch, node = %broker.node_id, "session taken over");
     }
     Ok(Some(Decision::Local {
         reservation,
-        created: true,
+        driver,
     }))
 }
 
-/// Opens the upstream for a claimed session and starts its driver.
+/// Opens the upstream for a claimed session and makes its driver (not
+/// started yet: see [`PendingDriver`]).
 async fn create(
     broker: &Arc<Broker>,
     id: &Arc<str>,
@@ -221,7 +223,7 @@ async fn create(
     epoch: u64,
     prefer: Option<&str>,
     mut order: Vec<Arc<Upstream>>,
-) -> Result<Reservation, RouteError> {
+) -> Result<(Reservation, Option<PendingDriver>), RouteError> {
     let dial_req = DialRequest {
         path_and_query: req.path_and_query,
         headers: &req.headers,
@@ -268,6 +270,7 @@ async fn create(
             drop(conn);
             return existing
                 .reserve(broker.config.session.attach)
+                .map(|r| (r, None))
                 .map_err(|_| RouteError::Contended);
         }
         if prefer != Some(u.url.url.as_str()) {
@@ -275,9 +278,13 @@ async fn create(
         }
         let reservation = session.reserve(broker.config.session.attach);
         let driver = Driver::new(broker.clone(), session, conn.io, conn.leftover, u.lease());
-        broker.tasks.spawn(driver.run());
+        let driver = PendingDriver::new(driver);
         tracing::info!(session = %id, epoch, upstream = %u.url.url, node = %broker.node_id, "session created");
-        return reservation.map_err(|_| RouteError::Contended);
+        return match reservation {
+            Ok(r) => Ok((r, Some(driver))),
+            // Dropped, the driver starts and ends the session unattached.
+            Err(_) => Err(RouteError::Contended),
+        };
     }
     broker.registry.session_ended(id, epoch, None).await;
     Err(RouteError::NoUpstream)

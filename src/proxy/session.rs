@@ -372,12 +372,12 @@ impl Reservation {
         self.session.as_ref()
     }
 
-    /// Hands the upgraded client to the driver. Under `takeover`, every
-    /// client attached before is kicked first.
-    pub async fn attach(mut self, io: ClientConn, conn: ConnGuard) -> bool {
-        let Some(session) = self.session.take() else {
-            return false;
-        };
+    /// Turns the reserved place into a client's: the session, and the
+    /// token that fires when the client is kicked. Under `takeover`, every
+    /// client attached before is kicked now. The caller attaches the client
+    /// (the place stays counted as pending until the driver does).
+    fn take_place(&mut self) -> Option<(Arc<Session>, CancellationToken)> {
+        let session = self.session.take()?;
         let kicked = {
             let mut generation = session.generation.lock().unwrap_or_else(|p| p.into_inner());
             if self.mode == AttachMode::Takeover {
@@ -385,6 +385,21 @@ impl Reservation {
                 *generation = session.stopped.child_token();
             }
             generation.child_token()
+        };
+        Some((session, kicked))
+    }
+
+    /// The place for the first client of a session whose driver has not
+    /// started yet (see `driver::PendingDriver`).
+    pub fn into_first_place(mut self) -> Option<CancellationToken> {
+        self.take_place().map(|(_, kicked)| kicked)
+    }
+
+    /// Hands the upgraded client to the driver. Under `takeover`, every
+    /// client attached before is kicked first.
+    pub async fn attach(mut self, io: ClientConn, conn: ConnGuard) -> bool {
+        let Some((session, kicked)) = self.take_place() else {
+            return false;
         };
         let ok = session
             .send(Cmd::Attach(Box::new(Attach { io, kicked, conn })))
