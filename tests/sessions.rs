@@ -181,3 +181,44 @@ async fn losing_the_upstream_without_a_close_gives_clients_1014() {
     assert_eq!((code, reason.as_str()), (1014, "upstream connection lost"));
     session_gone(&node, "lost").await;
 }
+
+#[tokio::test]
+async fn a_client_that_vanishes_before_its_101_leaves_no_session_behind() {
+    use tokio::io::AsyncWriteExt;
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(
+        &[up.url()],
+        "[session]\nresume_grace = \"300ms\"\n[limits]\nhandshake_timeout = \"500ms\"\n",
+    )
+    .await;
+    let addr = node.public;
+    // The request, then a reset at once: the session is created (upstream
+    // opened) while its client is already gone.
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "GET /?session=vanished HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    s.set_linger(Some(Duration::ZERO)).expect("linger");
+    drop(s);
+    eventually(
+        Duration::from_secs(5),
+        "the upstream was opened for the session",
+        || async { up.connections_for("vanished") == 1 },
+    )
+    .await;
+    // No client ever attaches: the session waits out its first-attach
+    // window (handshake timeout + resume grace), then ends both ways.
+    session_gone(&node, "vanished").await;
+    eventually(
+        Duration::from_secs(5),
+        "upstream closed with 1001",
+        || async { up.closes_for("vanished").first().map(|c| c.0) == Some(1001) },
+    )
+    .await;
+    assert_eq!(
+        up.open_for("vanished"),
+        0,
+        "no upstream connection left open"
+    );
+}
