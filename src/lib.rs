@@ -9,6 +9,7 @@
 //!   health, breaker), health report, admin API, drain, metrics.
 //! - [`broker`]: the node state both paths share.
 //! - [`server`]: start a node, run it, drain it.
+//! - [`runtime`]: the worker threads, pinned to CPUs when each has its own.
 //! - [`demo`]: the built-in demo upstream behind `wsbroker demo`.
 
 pub mod broker;
@@ -19,5 +20,6 @@ pub mod decimal;
 pub mod demo;
 pub mod logging;
 pub mod proxy;
+pub mod runtime;
 pub mod server;
 pub mod tls;

@@ -98,10 +98,7 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
+    wsbroker::runtime::build().context("starting the async runtime")
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -282,3 +282,82 @@ async fn demo_runs_with_nothing_else() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The CPUs in a `Cpus_allowed_list` ("0-1,4").
+fn parse_cpu_list(list: &str) -> Vec<usize> {
+    let mut cpus = Vec::new();
+    for part in list.trim().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.parse().expect("cpu"), b.parse().expect("cpu"));
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(part.parse().expect("cpu")),
+        }
+    }
+    cpus
+}
+
+/// The allowed CPUs of each thread of `pid` whose name starts with `prefix`.
+fn thread_cpus(pid: u32, prefix: &str) -> Vec<Vec<usize>> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+            out.push(parse_cpu_list(&l["Cpus_allowed_list:".len()..]));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn workers_are_pinned_to_cpus_only_when_asked() {
+    let up = TestUpstream::start().await;
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    let allowed = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(parse_cpu_list)
+        .expect("Cpus_allowed_list");
+    let two = [("TOKIO_WORKER_THREADS", "2")];
+
+    let mut free = BrokerProcess::start_with_env(&[up.url()], "", &two).await;
+    let workers = thread_cpus(free.pid(), "tokio-rt");
+    assert!(workers.len() >= 2, "two workers, got {workers:?}");
+    assert!(
+        workers.iter().all(|cpus| *cpus == allowed),
+        "unpinned by default: every worker may run on {allowed:?}, got {workers:?}"
+    );
+    free.signal("KILL");
+    free.wait_exit(Duration::from_secs(5)).await;
+
+    let pin = [("TOKIO_WORKER_THREADS", "2"), ("WSBROKER_PIN_WORKERS", "1")];
+    let mut pinned = BrokerProcess::start_with_env(&[up.url()], "", &pin).await;
+    let workers = thread_cpus(pinned.pid(), "tokio-rt");
+    if allowed.len() >= 2 {
+        // Blocking-pool threads (same name) stay unpinned; the two workers
+        // take the first two allowed CPUs, one each.
+        let mut got: Vec<usize> = workers
+            .iter()
+            .filter(|cpus| cpus.len() == 1)
+            .map(|cpus| cpus[0])
+            .collect();
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            vec![allowed[0], allowed[1]],
+            "each worker pinned to a CPU of its own: {workers:?}"
+        );
+    } else {
+        assert!(workers.iter().all(|cpus| *cpus == allowed), "{workers:?}");
+    }
+    pinned.signal("KILL");
+    pinned.wait_exit(Duration::from_secs(5)).await;
+}

@@ -457,6 +457,15 @@ impl BrokerProcess {
     /// Starts `wsbroker run` with the test configuration plus `extra` and
     /// waits until it answers `/live`.
     pub async fn start(upstreams: &[String], extra: &str) -> BrokerProcess {
+        BrokerProcess::start_with_env(upstreams, extra, &[]).await
+    }
+
+    /// [`start`](Self::start) with extra environment variables.
+    pub async fn start_with_env(
+        upstreams: &[String],
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> BrokerProcess {
         let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let extra =
@@ -474,6 +483,7 @@ impl BrokerProcess {
             .args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
