@@ -2,6 +2,7 @@
 //! requests, and the WebSocket upgrade — checked, routed, answered with a
 //! 101 that carries the upstream's subprotocol, then handed to the session.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,11 +21,12 @@ use super::io::ClientConn;
 use super::route::{route, Decision, RouteError, UpstreamRequest};
 use super::session::{ConnGuard, Reservation};
 use super::session_id;
-use super::upstream_dial::accept_key;
+use super::upstream_dial::accept_key_bytes;
 use crate::broker::Broker;
 use crate::config::SessionKey;
 use crate::control::metrics::UpgradeResult;
 use crate::control::{health, sessions_api};
+use crate::decimal::{ip_str, MAX_IP_TEXT};
 
 pub type Body = Full<Bytes>;
 
@@ -103,7 +105,7 @@ pub async fn handle(
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     let (parts, _body) = req.into_parts();
-    let (response, after) = upgrade(parts, &conn, &broker).await;
+    let (answer, after) = upgrade(parts, &conn, &broker).await;
     match after {
         After::Nothing => {}
         After::Attach {
@@ -135,7 +137,7 @@ pub async fn handle(
             });
         }
     }
-    Ok(response)
+    Ok(answer.into_response())
 }
 
 async fn plain(req: &Request<Incoming>, broker: &Arc<Broker>) -> Response<Body> {
@@ -167,34 +169,112 @@ fn bad(reason: &str) -> Response<Body> {
     )
 }
 
-/// Answers an upgrade request (already read): the response, and what
+/// The answer to an upgrade request.
+pub enum Answer {
+    /// 101: the upgrade goes ahead (rendered by whichever path serves it).
+    Switching(Switching),
+    /// Anything else: refusals, errors, and a forwarded upgrade's answer
+    /// relayed from the owner.
+    Response(Response<Body>),
+}
+
+impl Answer {
+    pub fn into_response(self) -> Response<Body> {
+        match self {
+            Answer::Switching(s) => s.into_response(),
+            Answer::Response(r) => r,
+        }
+    }
+}
+
+/// A 101 for a client attached on this node: its header lines.
+pub struct Switching {
+    /// `Sec-WebSocket-Accept`, 28 base64 characters.
+    accept: [u8; 28],
+    /// The upstream's subprotocol, when the client offered it.
+    protocol: Option<String>,
+    session: Arc<str>,
+    /// `Set-Cookie` for a minted id under a cookie session key.
+    cookie: Option<String>,
+}
+
+impl Switching {
+    /// The header lines, in order; values that could not be sent in a
+    /// header (control characters) are left out.
+    fn headers(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        let accept = std::str::from_utf8(&self.accept).unwrap_or("");
+        [
+            ("upgrade", Some("websocket")),
+            ("connection", Some("Upgrade")),
+            ("sec-websocket-accept", Some(accept)),
+            ("sec-websocket-protocol", self.protocol.as_deref()),
+            ("x-session-id", Some(&*self.session)),
+            ("set-cookie", self.cookie.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value?)))
+        .filter(|(_, value)| {
+            value
+                .bytes()
+                .all(|b| (b >= 0x20 && b != 0x7f) || b == b'\t')
+        })
+    }
+
+    /// The response head, ready to write.
+    pub fn head(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\n");
+        for (name, value) in self.headers() {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        for (name, value) in self.headers() {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                resp.headers_mut()
+                    .append(header::HeaderName::from_static(name), v);
+            }
+        }
+        resp
+    }
+}
+
+/// Answers an upgrade request (already read): the answer, and what
 /// follows it once written.
-pub async fn upgrade(
-    parts: Parts,
-    conn: &Arc<ConnInfo>,
-    broker: &Arc<Broker>,
-) -> (Response<Body>, After) {
+pub async fn upgrade(parts: Parts, conn: &Arc<ConnInfo>, broker: &Arc<Broker>) -> (Answer, After) {
     let started = tokio::time::Instant::now();
-    let (response, after) = match check_and_route(parts, conn, broker).await {
+    let (answer, after) = match check_and_route(parts, conn, broker).await {
         Ok(done) => done,
-        Err(response) => (response, After::Nothing),
+        Err(response) => (Answer::Response(response), After::Nothing),
     };
     let m = &broker.metrics;
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+    let status = match &answer {
+        Answer::Switching(_) => StatusCode::SWITCHING_PROTOCOLS,
+        Answer::Response(r) => r.status(),
+    };
+    if status == StatusCode::SWITCHING_PROTOCOLS {
         m.handshake_seconds.observe(started.elapsed().as_secs_f64());
-    } else if response.status() == StatusCode::BAD_GATEWAY {
+    } else if status == StatusCode::BAD_GATEWAY {
         m.upgrade(UpgradeResult::UpstreamFailed);
     } else {
         m.upgrade(UpgradeResult::Rejected);
     }
-    (response, after)
+    (answer, after)
 }
 
 async fn check_and_route(
     parts: Parts,
     conn: &Arc<ConnInfo>,
     broker: &Arc<Broker>,
-) -> Result<(Response<Body>, After), Response<Body>> {
+) -> Result<(Answer, After), Response<Body>> {
     let headers = &parts.headers;
     if parts.method != Method::GET {
         return Err(bad("a WebSocket upgrade must be a GET"));
@@ -219,8 +299,8 @@ async fn check_and_route(
         );
         return Err(r);
     }
-    let key = match headers.get(header::SEC_WEBSOCKET_KEY) {
-        Some(k) if valid_key(k.as_bytes()) => k.as_bytes().to_vec(),
+    let accept = match headers.get(header::SEC_WEBSOCKET_KEY) {
+        Some(k) if valid_key(k.as_bytes()) => accept_key_bytes(k.as_bytes()),
         _ => return Err(bad("missing or malformed Sec-WebSocket-Key")),
     };
     let hop_header = headers
@@ -234,15 +314,14 @@ async fn check_and_route(
     }
 
     let cfg = &broker.config.session;
-    let (id, minted) = match session_id::find(&cfg.key, &parts) {
+    let (id, minted): (Arc<str>, bool) = match session_id::find(&cfg.key, &parts) {
         Some(raw) => match session_id::validate(raw) {
-            Ok(()) => (raw.to_string(), false),
+            Ok(()) => (Arc::from(raw), false),
             Err(reason) => return Err(bad(reason)),
         },
-        None if cfg.mint => (session_id::mint(), true),
+        None if cfg.mint => (Arc::from(session_id::mint()), true),
         None => return Err(bad("no session id in the request and minting is off")),
     };
-    let id: Arc<str> = Arc::from(id);
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -251,7 +330,9 @@ async fn check_and_route(
 
     // A hop from another node names the original client; anything that
     // claims to be a hop and does not verify is refused.
-    let (mut client_ip, mut tls) = (conn.peer.ip().to_canonical().to_string(), conn.tls);
+    let mut ip_text = [0u8; MAX_IP_TEXT];
+    let peer_ip = ip_str(conn.peer.ip().to_canonical(), &mut ip_text);
+    let (mut client_ip, mut tls) = (Cow::Borrowed(peer_ip), conn.tls);
     let hopped = hop_header.is_some();
     if let Some(h) = hop_header {
         let verified = broker
@@ -261,7 +342,7 @@ async fn check_and_route(
         match verified {
             Some(Ok(hop)) => {
                 tracing::debug!(session = %id, from = %hop.from, "forwarded upgrade");
-                client_ip = hop.client;
+                client_ip = Cow::Owned(hop.client);
                 tls = hop.tls;
             }
             Some(Err(e)) => {
@@ -291,7 +372,10 @@ async fn check_and_route(
             // Boxed: the hop's future is large and this path is the rarer one.
             let (response, tunnel) =
                 Box::pin(forward(broker, &parts, conn, &id, &node, &advertise)).await;
-            return Ok((response, tunnel.map_or(After::Nothing, After::Tunnel)));
+            return Ok((
+                Answer::Response(response),
+                tunnel.map_or(After::Nothing, After::Tunnel),
+            ));
         }
         Err(e) => {
             tracing::info!(session = %id, error = %e, "upgrade refused");
@@ -318,43 +402,34 @@ async fn check_and_route(
         UpgradeResult::Attached
     });
 
-    let mut resp = Response::new(Full::new(Bytes::new()));
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = resp.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    if let Ok(v) = HeaderValue::from_str(&accept_key(&key)) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-    }
-    if let Some(p) = &session.protocol {
-        let offered = parts
+    // The upstream's subprotocol goes back only if this client offered it.
+    let protocol = session.protocol.as_ref().filter(|p| {
+        parts
             .headers
             .get_all(header::SEC_WEBSOCKET_PROTOCOL)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .any(|o| o.trim() == p);
-        if offered {
-            if let Ok(v) = HeaderValue::from_str(p) {
-                h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
-            }
-        }
-    }
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        h.insert("x-session-id", v);
-    }
-    if minted {
-        if let SessionKey::Cookie(name) = &cfg.key {
+            .any(|o| o.trim() == p.as_str())
+    });
+    let cookie = match &cfg.key {
+        SessionKey::Cookie(name) if minted => {
             let secure = if conn.tls { "; Secure" } else { "" };
-            let cookie = format!("{name}={id}; Path=/; HttpOnly; SameSite=Lax{secure}");
-            if let Ok(v) = HeaderValue::from_str(&cookie) {
-                h.insert(header::SET_COOKIE, v);
-            }
+            Some(format!(
+                "{name}={id}; Path=/; HttpOnly; SameSite=Lax{secure}"
+            ))
         }
-    }
+        _ => None,
+    };
+    let answer = Answer::Switching(Switching {
+        accept,
+        protocol: protocol.cloned(),
+        session: id,
+        cookie,
+    });
 
     Ok((
-        resp,
+        answer,
         After::Attach {
             reservation,
             driver,
@@ -498,6 +573,37 @@ mod tests {
         assert_eq!(get("x-session-epoch"), None);
         assert_eq!(get(HOP_HEADER), None);
         assert_eq!(get("host"), None);
+    }
+
+    #[test]
+    fn a_101_carries_accept_protocol_id_and_cookie_and_nothing_unsafe() {
+        let s = Switching {
+            accept: accept_key_bytes(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            protocol: Some("chat".into()),
+            session: Arc::from("abc"),
+            cookie: Some("sid=abc; Path=/".into()),
+        };
+        assert_eq!(
+            String::from_utf8(s.head()).expect("ascii"),
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nsec-websocket-protocol: chat\r\nx-session-id: abc\r\nset-cookie: sid=abc; Path=/\r\n\r\n"
+        );
+        let bare = Switching {
+            accept: accept_key_bytes(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            protocol: Some("bad\r\nx-injected: 1".into()),
+            session: Arc::from("abc"),
+            cookie: None,
+        };
+        let head = String::from_utf8(bare.head()).expect("ascii");
+        assert!(!head.contains("sec-websocket-protocol"), "{head}");
+        assert!(!head.contains("x-injected"), "{head}");
+        assert!(!head.contains("set-cookie"), "{head}");
+        let r = bare.into_response();
+        assert_eq!(r.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(
+            r.headers().get("x-session-id").map(|v| v.as_bytes()),
+            Some(&b"abc"[..])
+        );
+        assert!(r.headers().get("sec-websocket-protocol").is_none());
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::client_reader::ReaderStart;
-use super::handshake::{self, After, Body, ConnInfo};
+use super::handshake::{self, After, Answer, Body, ConnInfo};
 use super::io::{ClientConn, MaybeTls, Prefixed, PublicStream};
 use crate::broker::Broker;
 
@@ -226,11 +226,16 @@ async fn answer_upgrade(
     info: Arc<ConnInfo>,
     broker: Arc<Broker>,
 ) -> Option<ReaderStart> {
-    let (response, after) = handshake::upgrade(parts, &info, &broker).await;
-    let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let (answer, after) = handshake::upgrade(parts, &info, &broker).await;
     // On failure `after` is dropped: a created session's driver then starts
     // without a client and waits for one to resume.
-    write_response(&mut io, response, upgraded).await.ok()?;
+    match answer {
+        Answer::Switching(s) => io.write_all(&s.head()).await.ok()?,
+        Answer::Response(response) => {
+            let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+            write_response(&mut io, response, upgraded).await.ok()?
+        }
+    }
     match after {
         After::Attach {
             reservation,

@@ -20,12 +20,15 @@ const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
 const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
-/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 §4.2.2).
-pub fn accept_key(key: &[u8]) -> String {
-    accept_key_in(key, &mut [0u8; 28]).to_string()
+/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 §4.2.2): 28
+/// bytes of base64.
+pub fn accept_key_bytes(key: &[u8]) -> [u8; 28] {
+    let mut buf = [0u8; 28];
+    accept_key_in(key, &mut buf);
+    buf
 }
 
-/// [`accept_key`] written into `buf` (a SHA-1 digest is 28 base64 chars).
+/// [`accept_key_bytes`] written into `buf`, as text.
 fn accept_key_in<'b>(key: &[u8], buf: &'b mut [u8; 28]) -> &'b str {
     let mut sha = Sha1::new();
     sha.update(key);
@@ -250,8 +253,8 @@ mod tests {
     #[test]
     fn accept_key_matches_the_rfc_example() {
         assert_eq!(
-            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+            &accept_key_bytes(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
     }
 
