@@ -136,11 +136,13 @@ enum Wake {
 /// that answered it), or without a client when the upgrade did not finish.
 /// Dropped unstarted, it starts without a client: a created session always
 /// gets its driver (and so its end, and its registry entry's removal).
-pub struct PendingDriver(Option<Driver>);
+pub struct PendingDriver(Option<Box<Driver>>);
 
 impl PendingDriver {
     pub fn new(driver: Driver) -> PendingDriver {
-        PendingDriver(Some(driver))
+        // Boxed now: the driver's state lives in this block from here on,
+        // while it waits and once it runs.
+        PendingDriver(Some(Box::new(driver)))
     }
 
     /// Starts the driver with `io` attached through `reservation` (the
@@ -224,14 +226,10 @@ impl Driver {
         }
     }
 
-    /// Runs the session to its end, then cleans up after it.
-    pub fn run(self) -> impl Future<Output = ()> + Send {
-        // The driver's state lives in its own heap block: the task's future
-        // then holds a pointer, not a second copy of it.
-        Box::new(self).run_boxed()
-    }
-
-    async fn run_boxed(mut self: Box<Self>) {
+    /// Runs the session to its end, then cleans up after it. The driver's
+    /// state lives in its own heap block: the task's future holds a
+    /// pointer, not a second copy of it.
+    async fn run(mut self: Box<Self>) {
         self.broker.metrics.sessions_active.inc();
         let stop = if self.buf.buf.is_empty() {
             self.run_loop().await
