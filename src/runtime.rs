@@ -11,6 +11,7 @@
 //! lost 17 % of the round-trip rate). It suits a host whose CPUs are
 //! given to the proxy.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -19,33 +20,52 @@ pub const PIN_VARIABLE: &str = "WSBROKER_PIN_WORKERS";
 
 /// Builds the node's multi-threaded runtime.
 pub fn build() -> std::io::Result<tokio::runtime::Runtime> {
-    let workers = worker_count();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.worker_threads(workers).enable_all();
+    builder.enable_all();
     let setting = std::env::var(PIN_VARIABLE).ok();
-    if let Some(cpus) = pin_plan(workers, &allowed_cpus(), setting.as_deref()) {
-        // The runtime starts its workers first, one thread each, when it is
-        // built; threads started later are the blocking pool's, left alone.
-        let started = Arc::new(AtomicUsize::new(0));
-        builder.on_thread_start(move || {
-            let n = started.fetch_add(1, Ordering::Relaxed);
-            if let Some(&cpu) = cpus.get(n) {
-                pin_current_thread(cpu);
-            }
-        });
+    if setting.is_some() {
+        let workers = worker_count()?;
+        if let Some(cpus) = pin_plan(workers, &allowed_cpus(), setting.as_deref()) {
+            // Only worker threads park (the blocking pool's threads never
+            // do): each worker pins itself the first time it parks.
+            let next = Arc::new(AtomicUsize::new(0));
+            builder.on_thread_park(move || {
+                PINNED.with(|pinned| {
+                    if !pinned.replace(true) {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        if let Some(&cpu) = cpus.get(n) {
+                            pin_current_thread(cpu);
+                        }
+                    }
+                })
+            });
+        }
     }
     builder.build()
 }
 
+thread_local! {
+    /// This worker has taken its CPU (or found none left).
+    static PINNED: Cell<bool> = const { Cell::new(false) };
+}
+
 /// Workers: `TOKIO_WORKER_THREADS` when set, else the CPUs available to
-/// the process (its CPU set and quota), as tokio itself would choose.
-fn worker_count() -> usize {
-    std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
-        .unwrap_or(1)
+/// the process (its CPU set and quota), as tokio itself chooses.
+fn worker_count() -> std::io::Result<usize> {
+    match std::env::var("TOKIO_WORKER_THREADS") {
+        Ok(v) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("TOKIO_WORKER_THREADS must be a positive number, not {v:?}"),
+                )
+            }),
+        Err(_) => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+    }
 }
 
 /// The CPU each worker is pinned to, in start order, or None to leave the

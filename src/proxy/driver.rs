@@ -678,6 +678,16 @@ impl Driver {
             self.session.mark_detached();
             return None;
         }
+        if client.kicked.is_cancelled() {
+            // A later client took the session over after this one's place
+            // was taken but before its attach was handled (the session's
+            // first client attaches before the driver reads its commands).
+            let _ = self
+                .close_one(&mut client, 4001, "session taken over")
+                .await;
+            self.session.mark_detached();
+            return None;
+        }
         // Takeover: every client of an older generation has been kicked.
         let kicked_ids: Vec<u64> = self
             .clients

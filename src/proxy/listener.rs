@@ -229,13 +229,17 @@ async fn answer_upgrade(
     let (answer, after) = handshake::upgrade(parts, &info, &broker).await;
     // On failure `after` is dropped: a created session's driver then starts
     // without a client and waits for one to resume.
-    match answer {
-        Answer::Switching(s) => io.write_all(&s.head()).await.ok()?,
+    // Bounded: until the answer is written a created session's driver is
+    // not running (no timers of its own).
+    let limit = broker.config.limits.handshake_timeout;
+    let written = match answer {
+        Answer::Switching(s) => tokio::time::timeout(limit, io.write_all(&s.head())).await,
         Answer::Response(response) => {
             let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-            write_response(&mut io, response, upgraded).await.ok()?
+            tokio::time::timeout(limit, write_response(&mut io, response, upgraded)).await
         }
-    }
+    };
+    written.ok()?.ok()?;
     match after {
         After::Attach {
             reservation,

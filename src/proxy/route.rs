@@ -273,12 +273,14 @@ async fn create(
                 .map(|r| (r, None))
                 .map_err(|_| RouteError::Contended);
         }
-        if prefer != Some(u.url.url.as_str()) {
-            broker.registry.set_upstream(id, epoch, &u.url.url).await;
-        }
+        // The driver exists before anything else is awaited: however this
+        // future ends from here on, the session gets it (see PendingDriver).
         let reservation = session.reserve(broker.config.session.attach);
         let driver = Driver::new(broker.clone(), session, conn.io, conn.leftover, u.lease());
         let driver = PendingDriver::new(driver);
+        if prefer != Some(u.url.url.as_str()) {
+            broker.registry.set_upstream(id, epoch, &u.url.url).await;
+        }
         tracing::info!(session = %id, epoch, upstream = %u.url.url, node = %broker.node_id, "session created");
         return match reservation {
             Ok(r) => Ok((r, Some(driver))),
