@@ -174,7 +174,10 @@ async fn read_head(io: &mut PublicStream, buf: &mut BytesMut, limit: usize) -> H
                 // Over the limit: hyper answers 431.
                 Ok(httparse::Status::Complete(len)) if len > limit => return Head::Other,
                 Ok(httparse::Status::Complete(len)) => {
-                    return match upgrade_parts(&req) {
+                    // One copy of the head; the path and every header value
+                    // are views into it.
+                    let head = Bytes::copy_from_slice(&buf[..len]);
+                    return match upgrade_parts(&req, buf, &head) {
                         Some(parts) => Head::Upgrade { parts, len },
                         None => Head::Other,
                     };
@@ -194,16 +197,24 @@ async fn read_head(io: &mut PublicStream, buf: &mut BytesMut, limit: usize) -> H
     }
 }
 
-/// The request as `Parts` when it is an HTTP/1.1 upgrade request.
-fn upgrade_parts(req: &httparse::Request<'_, '_>) -> Option<Box<Parts>> {
+/// The request as `Parts` when it is an HTTP/1.1 upgrade request. `req`
+/// was parsed from `buf`; `head` is a copy of its head, which the path and
+/// header values share instead of each being copied.
+fn upgrade_parts(req: &httparse::Request<'_, '_>, buf: &[u8], head: &Bytes) -> Option<Box<Parts>> {
     if req.version != Some(1) {
         return None;
     }
+    // httparse returns slices of its input, inside the head; checked anyway.
+    let base = buf.as_ptr() as usize;
+    let shared = |s: &[u8]| {
+        let at = (s.as_ptr() as usize).checked_sub(base)?;
+        (at + s.len() <= head.len()).then(|| head.slice(at..at + s.len()))
+    };
     let mut headers = HeaderMap::with_capacity(req.headers.len());
     for h in req.headers.iter() {
         headers.append(
             HeaderName::from_bytes(h.name.as_bytes()).ok()?,
-            HeaderValue::from_bytes(h.value).ok()?,
+            HeaderValue::from_maybe_shared(shared(h.value)?).ok()?,
         );
     }
     if !handshake::is_upgrade(&headers) {
@@ -211,7 +222,7 @@ fn upgrade_parts(req: &httparse::Request<'_, '_>) -> Option<Box<Parts>> {
     }
     let (mut parts, ()) = hyper::Request::new(()).into_parts();
     parts.method = hyper::Method::from_bytes(req.method?.as_bytes()).ok()?;
-    parts.uri = req.path?.parse().ok()?;
+    parts.uri = hyper::Uri::from_maybe_shared(shared(req.path?.as_bytes())?).ok()?;
     parts.headers = headers;
     Some(Box::new(parts))
 }
@@ -406,6 +417,15 @@ mod tests {
             panic!("an upgrade request is answered by the listener");
         };
         assert_eq!(parts.uri.query(), Some("session=ok"));
+        assert_eq!(parts.uri.path(), "/");
+        assert_eq!(
+            parts.headers.get("upgrade").map(|v| v.as_bytes()),
+            Some(&b"websocket"[..])
+        );
+        assert_eq!(
+            parts.headers.get("host").map(|v| v.as_bytes()),
+            Some(&b"a"[..])
+        );
         assert_eq!(&buf[len..], b"EXTRA", "bytes past the head are kept");
     }
 }
