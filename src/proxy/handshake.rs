@@ -485,35 +485,40 @@ pub fn upstream_headers(headers: &HeaderMap, client: &str, tls: bool) -> String 
             .any(|t| t.trim().eq_ignore_ascii_case(n))
     };
     let mut out = String::with_capacity(256);
-    let mut line = |name: &str, value: &str| {
+    fn line(out: &mut String, name: &str, value: &str) {
         out.push_str(name);
         out.push_str(": ");
         out.push_str(value);
         out.push_str("\r\n");
-    };
+    }
     for (name, value) in headers {
         let n = name.as_str();
         if NOT_FORWARDED.contains(&n) || n.starts_with("x-wsbroker-") || named_in_connection(n) {
             continue;
         }
         if let Ok(v) = value.to_str() {
-            line(n, v);
+            line(&mut out, n, v);
         }
     }
-    let mut xff = String::new();
+    // X-Forwarded-For: the prior hops, then this client, in one line.
+    out.push_str("X-Forwarded-For: ");
     for prior in headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
     {
-        xff.push_str(prior);
-        xff.push_str(", ");
+        out.push_str(prior);
+        out.push_str(", ");
     }
-    xff.push_str(client);
-    line("X-Forwarded-For", &xff);
-    line("X-Forwarded-Proto", if tls { "https" } else { "http" });
+    out.push_str(client);
+    out.push_str("\r\n");
+    line(
+        &mut out,
+        "X-Forwarded-Proto",
+        if tls { "https" } else { "http" },
+    );
     if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-        line("X-Forwarded-Host", host);
+        line(&mut out, "X-Forwarded-Host", host);
     }
     out
 }
