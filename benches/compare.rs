@@ -75,19 +75,42 @@ struct Target {
 
 impl Drop for Target {
     // nginx's workers outlive a killed master: end every process started.
+    // nginx and HAProxy lead process groups of their own (see `own_group`),
+    // so a worker forked while this runs goes too.
     fn drop(&mut self) {
-        let own: Vec<u32> = self
-            ._procs
-            .iter()
-            .flat_map(|p| children_of(p.0.id()))
-            .collect();
-        for pid in own {
+        let mut own: Vec<String> = Vec::new();
+        for p in &self._procs {
+            let pid = p.0.id();
+            if leads_its_group(pid) {
+                own.push(format!("-{pid}"));
+            }
+            own.extend(children_of(pid).iter().map(u32::to_string));
+        }
+        for target in own {
             let _ = Command::new("kill")
-                .args(["-9", &pid.to_string()])
+                .args(["-9", "--", &target])
                 .stderr(Stdio::null())
                 .status();
         }
     }
+}
+
+/// Whether `pid` leads its process group (one this benchmark created).
+fn leads_its_group(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name: state, ppid, pgrp, ...
+    let pgrp = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(2))
+        .and_then(|v| v.parse::<u32>().ok());
+    pgrp == Some(pid)
+}
+
+/// Starts `cmd` leading a process group of its own.
+fn own_group(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0)
 }
 
 fn children_of(pid: u32) -> Vec<u32> {
@@ -243,7 +266,7 @@ fn start_nginx(dir: &Path, name: &'static str, upstream: SocketAddr, extra: Opti
         ),
     )
     .expect("nginx.conf");
-    let child = Command::new(bin)
+    let child = own_group(&mut Command::new(bin))
         .arg("-c")
         .arg(&conf)
         .arg("-p")
@@ -288,7 +311,7 @@ fn start_haproxy(dir: &Path, app: SocketAddr) -> Target {
         ),
     )
     .expect("haproxy.cfg");
-    let child = Command::new(bin)
+    let child = own_group(&mut Command::new(bin))
         .arg("-f")
         .arg(&conf)
         .arg("-db")
