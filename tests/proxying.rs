@@ -309,7 +309,7 @@ async fn frames_sent_right_behind_the_upgrade_request_are_relayed() {
         .expect("connect");
     // The request head and a first message in one write: the message
     // arrives before the client has seen its 101.
-    let mut bytes = b"GET /?session=eager HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".to_vec();
+    let mut bytes = upgrade_request("/?session=eager", "x").into_bytes();
     bytes.extend(frame::encode_frame(frame::OP_TEXT, b"early", true));
     s.write_all(&bytes).await.expect("write");
     let (head, rest) = raw_read_head(&mut s, Duration::from_secs(5)).await;
@@ -371,7 +371,7 @@ async fn an_upgrade_after_a_plain_request_on_the_same_connection_works() {
         body.extend_from_slice(&chunk[..n]);
     }
     assert_eq!(body, b"live\n");
-    s.write_all(b"GET /?session=kept HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    s.write_all(upgrade_request("/?session=kept", "x").as_bytes())
         .await
         .expect("write");
     let (head, rest) = raw_read_head(&mut s, Duration::from_secs(5)).await;

@@ -18,6 +18,15 @@ async fn session_gone(node: &TestNode, id: &str) {
     .await;
 }
 
+async fn upstream_closed_with(up: &TestUpstream, id: &str, code: u16) {
+    eventually(
+        Duration::from_secs(5),
+        &format!("upstream closed with {code}"),
+        || async { up.closes_for(id).first().map(|c| c.0) == Some(code) },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn takeover_replaces_the_old_client_with_4001() {
     let up = TestUpstream::start().await;
@@ -105,12 +114,7 @@ async fn grace_expiry_ends_the_session_with_1001_upstream() {
     echo(&mut ws, "x").await;
     drop(ws);
     session_gone(&node, "g").await;
-    eventually(
-        Duration::from_secs(5),
-        "upstream closed with 1001",
-        || async { up.closes_for("g").first().map(|c| c.0) == Some(1001) },
-    )
-    .await;
+    upstream_closed_with(&up, "g", 1001).await;
 }
 
 #[tokio::test]
@@ -126,12 +130,7 @@ async fn buffer_overflow_ends_the_session_with_1001_upstream() {
     ws.send(Message::text("later 100 400")).await.expect("send");
     drop(ws);
     session_gone(&node, "o").await;
-    eventually(
-        Duration::from_secs(5),
-        "upstream closed with 1001",
-        || async { up.closes_for("o").first().map(|c| c.0) == Some(1001) },
-    )
-    .await;
+    upstream_closed_with(&up, "o", 1001).await;
 }
 
 #[tokio::test]
@@ -162,12 +161,7 @@ async fn idle_sessions_are_closed_with_1001_both_ways() {
     echo(&mut ws, "x").await;
     let (code, _) = expect_close(&mut ws, Duration::from_secs(5)).await;
     assert_eq!(code, 1001);
-    eventually(
-        Duration::from_secs(5),
-        "upstream closed with 1001",
-        || async { up.closes_for("idle").first().map(|c| c.0) == Some(1001) },
-    )
-    .await;
+    upstream_closed_with(&up, "idle", 1001).await;
 }
 
 #[tokio::test]
@@ -195,9 +189,7 @@ async fn a_client_that_vanishes_before_its_101_leaves_no_session_behind() {
     // The request, then a reset at once: the session is created (upstream
     // opened) while its client is already gone.
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let req = format!(
-        "GET /?session=vanished HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
+    let req = upgrade_request("/?session=vanished", &addr.to_string());
     s.write_all(req.as_bytes()).await.expect("write");
     // A zero linger resets the connection on drop at once (nothing to
     // block on, which is what the deprecation warns about).
@@ -213,12 +205,7 @@ async fn a_client_that_vanishes_before_its_101_leaves_no_session_behind() {
     // No client ever attaches: the session waits out its first-attach
     // window (handshake timeout + resume grace), then ends both ways.
     session_gone(&node, "vanished").await;
-    eventually(
-        Duration::from_secs(5),
-        "upstream closed with 1001",
-        || async { up.closes_for("vanished").first().map(|c| c.0) == Some(1001) },
-    )
-    .await;
+    upstream_closed_with(&up, "vanished", 1001).await;
     eventually(
         Duration::from_secs(5),
         "no upstream connection left open",

@@ -20,7 +20,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::{sleep_until, Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use super::buffer::ReadBuffer;
 use super::client_reader::{self, ReaderStart, SharedUpstream, UpstreamWriter};
@@ -158,8 +158,7 @@ impl PendingDriver {
         let reader = reservation
             .into_first_place()
             .map(|kicked| driver.attach_first(io, kicked, conn));
-        let tasks = driver.broker.tasks.clone();
-        tasks.spawn(driver.run());
+        driver.spawn();
         reader
     }
 
@@ -167,8 +166,7 @@ impl PendingDriver {
     /// through a command once the upgrade completes).
     pub fn start(mut self) {
         if let Some(driver) = self.0.take() {
-            let tasks = driver.broker.tasks.clone();
-            tasks.spawn(driver.run());
+            driver.spawn();
         }
     }
 }
@@ -176,8 +174,10 @@ impl PendingDriver {
 impl Drop for PendingDriver {
     fn drop(&mut self) {
         // Outside a runtime (it is shutting down) there is nothing to run on.
-        if self.0.is_some() && tokio::runtime::Handle::try_current().is_ok() {
-            PendingDriver(self.0.take()).start();
+        if let Some(driver) = self.0.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                driver.spawn();
+            }
         }
     }
 }
@@ -224,6 +224,12 @@ impl Driver {
             end_at: None,
             idle_check,
         }
+    }
+
+    /// Runs the driver as a task of the node's.
+    fn spawn(self: Box<Self>) {
+        let tasks = self.broker.tasks.clone();
+        tasks.spawn(self.run());
     }
 
     /// Runs the session to its end, then cleans up after it. The driver's
@@ -557,25 +563,43 @@ impl Driver {
         } = io;
         // Upstream bytes that came with its 101 go to this client, first.
         self.detached = None;
+        let client = self.new_client(write, kicked, conn, true);
+        self.seat(client, read, leftover)
+    }
+
+    fn new_client(
+        &mut self,
+        writer: WriteSide,
+        kicked: CancellationToken,
+        conn: ConnGuard,
+        synced: bool,
+    ) -> Client {
         let id = self.next_client;
         self.next_client += 1;
-        self.clients.reserve_exact(1);
-        self.clients.push(Client {
+        Client {
             id,
-            writer: write,
-            kicked: kicked.clone(),
-            synced: true,
+            writer,
+            kicked,
+            synced,
             _conn: conn,
-        });
+        }
+    }
+
+    /// Adds an attached client; returns its reader, to be run.
+    fn seat(&mut self, client: Client, rd: ReadSide, leftover: Bytes) -> ReaderStart {
+        let reader = client_reader::Reader {
+            broker: self.broker.clone(),
+            session: self.session.clone(),
+            client: client.id,
+            upstream: self.up_write.clone(),
+            kicked: client.kicked.clone(),
+        };
+        // Most sessions have one client: no room for more until needed.
+        self.clients.reserve_exact(1);
+        self.clients.push(client);
         ReaderStart {
-            reader: client_reader::Reader {
-                broker: self.broker.clone(),
-                session: self.session.clone(),
-                client: id,
-                upstream: self.up_write.clone(),
-                kicked,
-            },
-            rd: read,
+            reader,
+            rd,
             leftover,
         }
     }
@@ -663,15 +687,8 @@ impl Driver {
             write: writer,
             leftover,
         } = io;
-        let id = self.next_client;
-        self.next_client += 1;
-        let mut client = Client {
-            id,
-            writer,
-            kicked: kicked.clone(),
-            synced: self.scanner.at_message_boundary(),
-            _conn: conn,
-        };
+        let synced = self.scanner.at_message_boundary();
+        let mut client = self.new_client(writer, kicked, conn, synced);
         if self.closing() {
             // The session is finishing its close handshake: turn the newcomer away.
             let _ = self.close_one(&mut client, 1001, "session ended").await;
@@ -715,17 +732,8 @@ impl Driver {
             }
             tracing::debug!(session = %self.session.id, replayed = d.buffer.len(), "client resumed");
         }
-        // Most sessions have one client: no room for more until needed.
-        self.clients.reserve_exact(1);
-        self.clients.push(client);
-        let reader = client_reader::Reader {
-            broker: self.broker.clone(),
-            session: self.session.clone(),
-            client: id,
-            upstream: self.up_write.clone(),
-            kicked,
-        };
-        self.broker.tasks.spawn(reader.run(rd, leftover));
+        let reader = self.seat(client, rd, leftover);
+        self.broker.tasks.spawn(reader.run());
         if self.scanner.at_message_boundary() && !self.pending_sends.is_empty() {
             self.flush_sends().await;
         }

@@ -403,15 +403,8 @@ async fn check_and_route(
     });
 
     // The upstream's subprotocol goes back only if this client offered it.
-    let protocol = session.protocol.as_ref().filter(|p| {
-        parts
-            .headers
-            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|o| o.trim() == p.as_str())
-    });
+    let offered = upstream_req.protocols.as_deref().unwrap_or("");
+    let protocol = session.protocol.as_ref().filter(|p| offers(offered, p));
     let cookie = match &cfg.key {
         SessionKey::Cookie(name) if minted => {
             let secure = if conn.tls { "; Secure" } else { "" };
@@ -476,14 +469,6 @@ const NOT_FORWARDED: &[&str] = &[
 /// rendered as header lines (`Name: value\r\n`) ready for the upstream's
 /// request head; one allocation for all of them.
 pub fn upstream_headers(headers: &HeaderMap, client: &str, tls: bool) -> String {
-    let named_in_connection = |n: &str| {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(n))
-    };
     let mut out = String::with_capacity(256);
     fn line(out: &mut String, name: &str, value: &str) {
         out.push_str(name);
@@ -493,7 +478,10 @@ pub fn upstream_headers(headers: &HeaderMap, client: &str, tls: bool) -> String 
     }
     for (name, value) in headers {
         let n = name.as_str();
-        if NOT_FORWARDED.contains(&n) || n.starts_with("x-wsbroker-") || named_in_connection(n) {
+        if NOT_FORWARDED.contains(&n)
+            || n.starts_with("x-wsbroker-")
+            || header_has_token(headers, header::CONNECTION, n)
+        {
             continue;
         }
         if let Ok(v) = value.to_str() {
@@ -521,6 +509,12 @@ pub fn upstream_headers(headers: &HeaderMap, client: &str, tls: bool) -> String 
         line(&mut out, "X-Forwarded-Host", host);
     }
     out
+}
+
+/// Whether a comma-separated subprotocol list names `protocol` (exactly:
+/// subprotocol names are case-sensitive).
+pub fn offers(list: &str, protocol: &str) -> bool {
+    list.split(',').any(|o| o.trim() == protocol)
 }
 
 /// The subprotocols the client offered, as one comma-separated list.

@@ -254,18 +254,17 @@ async fn answer_upgrade(
     match after {
         After::Attach {
             reservation,
-            driver: Some(driver),
+            driver,
         } => {
             let client = ClientConn::from_stream(io, leftover);
-            driver.start_with(reservation, client, info.guard.clone())
-        }
-        After::Attach {
-            reservation,
-            driver: None,
-        } => {
-            let client = ClientConn::from_stream(io, leftover);
-            reservation.attach(client, info.guard.clone()).await;
-            None
+            let guard = info.guard.clone();
+            match driver {
+                Some(driver) => driver.start_with(reservation, client, guard),
+                None => {
+                    reservation.attach(client, guard).await;
+                    None
+                }
+            }
         }
         // Boxed: the rarer path.
         After::Tunnel(tunnel) => {
@@ -370,14 +369,20 @@ async fn reject_overloaded(
 mod tests {
     use super::*;
 
+    /// A connected client socket and the server's side of it.
+    async fn socket_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (client, server)
+    }
+
     /// A head that completes only past the limit goes to hyper (431), even
     /// when the read that completes it started under the limit.
     #[tokio::test]
     async fn a_head_completing_past_the_limit_is_not_answered_here() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let mut client = TcpStream::connect(addr).await.expect("connect");
-        let (server, _) = listener.accept().await.expect("accept");
+        let (mut client, server) = socket_pair().await;
         let limit = 8 * 1024;
         let head = format!(
             "GET /?session=edge HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Pad: {}\r\n\r\n",
@@ -402,10 +407,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_upgrade_head_under_the_limit_is_answered_here() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let mut client = TcpStream::connect(addr).await.expect("connect");
-        let (server, _) = listener.accept().await.expect("accept");
+        let (mut client, server) = socket_pair().await;
         client
             .write_all(b"GET /?session=ok HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nEXTRA")
             .await

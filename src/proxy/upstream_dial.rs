@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 
+use super::handshake::offers;
 use super::io::{MaybeTls, UpstreamIo};
 use crate::config::UpstreamUrl;
 use crate::decimal::decimal_str;
@@ -214,8 +215,7 @@ async fn dial_inner(
     }
     let protocol = header("sec-websocket-protocol").map(str::to_string);
     if let Some(p) = &protocol {
-        let offered = req.protocols.unwrap_or("");
-        if !offered.split(',').any(|o| o.trim() == p) {
+        if !offers(req.protocols.unwrap_or(""), p) {
             return Err(DialError::BadHandshake(
                 "upstream selected a subprotocol it was not offered",
             ));

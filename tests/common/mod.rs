@@ -725,25 +725,19 @@ pub async fn health(addr: SocketAddr) -> (u16, serde_json::Value) {
 /// after a 101 (panics otherwise), plus any bytes read past the head.
 pub async fn raw_upgrade(addr: SocketAddr, path: &str) -> (TcpStream, Vec<u8>) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
-            .await
-            .expect("response within 5 s")
-            .expect("read");
-        assert!(n > 0, "closed before the response");
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            assert!(head.starts_with("HTTP/1.1 101"), "expected 101, got {head}");
-            return (s, buf[end + 4..].to_vec());
-        }
-    }
+    s.write_all(upgrade_request(path, &addr.to_string()).as_bytes())
+        .await
+        .expect("write");
+    let (head, rest) = raw_read_head(&mut s, Duration::from_secs(5)).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "expected 101, got {head}");
+    (s, rest)
+}
+
+/// A WebSocket upgrade request head for `path`, as a raw client sends it.
+pub fn upgrade_request(path: &str, host: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
 }
 
 /// Reads raw server frames from `s` (after `pending` bytes already read)

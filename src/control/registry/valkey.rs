@@ -383,10 +383,7 @@ impl ValkeyRegistry {
         // round trip: its id goes into this node's set first (a node that
         // dies between the two leaves nothing uncollected), then the key is
         // created only if absent. A value found there goes to the script.
-        let mut value = String::with_capacity(self.me.id.len() + 3 + proposed.len());
-        value.push_str(&self.me.id);
-        value.push_str("|1|");
-        value.push_str(proposed);
+        let value = session_value(&self.me.id, 1, proposed);
         let replies = self
             .lane_call(&[
                 &[b"SADD", self.my_set.as_bytes(), sid.as_bytes()],
@@ -493,7 +490,7 @@ impl ValkeyRegistry {
             match (&end.upstream, plain) {
                 (Some(up), true) => {
                     keys.push(self.keys.session(&end.session));
-                    values.push(format!("{me}|{}|{up}", end.epoch));
+                    values.push(session_value(&me, end.epoch, up));
                     checked.push(end);
                 }
                 _ => by_script.push(end),
@@ -714,7 +711,8 @@ impl ValkeyRegistry {
         Ok(sessions.len())
     }
 
-    /// The owner, epoch and upstream recorded for a session.
+    /// The owner, epoch and upstream recorded for a session (written by
+    /// [`session_value`] and the scripts).
     pub async fn lookup(&self, sid: &str) -> Result<Option<(String, u64, String)>, RegistryError> {
         let key = self.keys.session(sid);
         let v: Option<String> = self
@@ -888,4 +886,17 @@ fn evalsha(script: &Script, keys: &[String], args: &[String]) -> redis::Cmd {
         cmd.arg(a);
     }
     cmd
+}
+
+/// A session key's value: `owner|epoch|upstream`, as the scripts write it.
+fn session_value(owner: &str, epoch: u64, upstream: &str) -> String {
+    let mut epoch_text = [0u8; 20];
+    let epoch = crate::decimal::decimal_str(epoch, &mut epoch_text);
+    let mut value = String::with_capacity(owner.len() + epoch.len() + upstream.len() + 2);
+    value.push_str(owner);
+    value.push('|');
+    value.push_str(epoch);
+    value.push('|');
+    value.push_str(upstream);
+    value
 }
