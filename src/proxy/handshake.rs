@@ -60,12 +60,17 @@ pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body
 }
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    values_have_token(&headers.get_all(name), token)
+}
+
+/// Whether one of a header's values (comma-separated lists) names `token`,
+/// ignoring case.
+fn values_have_token(values: &header::GetAll<'_, HeaderValue>, token: &str) -> bool {
+    values.iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
 }
 
 /// Whether a request asks for an upgrade (answered on the upgrade path,
@@ -476,11 +481,12 @@ pub fn upstream_headers(headers: &HeaderMap, client: &str, tls: bool) -> String 
         out.push_str(value);
         out.push_str("\r\n");
     }
+    let connection = headers.get_all(header::CONNECTION);
     for (name, value) in headers {
         let n = name.as_str();
         if NOT_FORWARDED.contains(&n)
             || n.starts_with("x-wsbroker-")
-            || header_has_token(headers, header::CONNECTION, n)
+            || values_have_token(&connection, n)
         {
             continue;
         }
@@ -572,6 +578,30 @@ mod tests {
         assert_eq!(get("x-session-epoch"), None);
         assert_eq!(get(HOP_HEADER), None);
         assert_eq!(get("host"), None);
+    }
+
+    #[test]
+    fn connection_tokens_match_whole_list_items_in_any_case() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static(" x-a ,UpGrade"),
+        );
+        assert!(header_has_token(&h, header::CONNECTION, "upgrade"));
+        assert!(header_has_token(&h, header::CONNECTION, "keep-alive"));
+        assert!(header_has_token(&h, header::CONNECTION, "x-a"));
+        let mut near = HeaderMap::new();
+        near.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("upgraded, x-upgrade"),
+        );
+        assert!(!header_has_token(&near, header::CONNECTION, "upgrade"));
+        assert!(!header_has_token(
+            &HeaderMap::new(),
+            header::CONNECTION,
+            "upgrade"
+        ));
     }
 
     #[test]
