@@ -768,8 +768,7 @@ async fn run(s: Settings, fds: u64) {
     }
     let mut rows: Vec<Vec<Row>> = vec![Vec::new(); targets.len()];
     // Each round starts one target further along, so no target always
-    // runs first or always follows the same neighbour (an A/A run of two
-    // identical nodes at fixed places differed by 10 % in round trips).
+    // runs first or always follows the same neighbour.
     for round in 0..s.rounds {
         for k in 0..targets.len() {
             let i = (k + round) % targets.len();
