@@ -538,8 +538,7 @@ async fn measure(t: &Target, s: &Settings, round: usize) -> Row {
         split.print(t.name, "new", &pids, units);
         let (cpu1, _) = cpu_and_rss(&pids);
         row.reattach_per_s = upgrades(t, s, &tag, true).await;
-        let n = (s.handshakes / s.parallel * s.parallel) as f64;
-        row.cpu_us_per_session = (cpu1 - cpu0) * 1e6 / n;
+        row.cpu_us_per_session = (cpu1 - cpu0) * 1e6 / units as f64;
     }
     row
 }
@@ -597,8 +596,11 @@ fn ctx_switches(pids: &[u32]) -> f64 {
 
 /// Where the machine's time goes during a phase: the proxy's CPU, this
 /// process's (clients and echo upstream), idle CPU, and the proxy's
-/// context switches (printed per unit with `WSBROKER_BENCH_SPLIT=1`).
-struct Split {
+/// context switches (printed per unit with `WSBROKER_BENCH_SPLIT=1`;
+/// without it nothing is read).
+struct Split(Option<Snapshot>);
+
+struct Snapshot {
     proxy: f64,
     bench: f64,
     idle: f64,
@@ -608,6 +610,29 @@ struct Split {
 
 impl Split {
     fn now(pids: &[u32]) -> Split {
+        Split(std::env::var_os("WSBROKER_BENCH_SPLIT").map(|_| Snapshot::now(pids)))
+    }
+
+    /// Prints the phase since `self`, per unit (message or session).
+    fn print(&self, name: &str, phase: &str, pids: &[u32], units: usize) {
+        let Some(start) = &self.0 else {
+            return;
+        };
+        let end = Snapshot::now(pids);
+        let per = |a: f64, b: f64| (b - a) * 1e6 / units as f64;
+        eprintln!(
+            "{name:>16} {phase:>3}: proxy {:7.2} us, clients+upstream {:7.2} us, idle {:6.2} us, 2 cores x wall {:7.2} us, proxy context switches {:5.2} per unit",
+            per(start.proxy, end.proxy),
+            per(start.bench, end.bench),
+            per(start.idle, end.idle),
+            end.at.duration_since(start.at).as_secs_f64() * 2e6 / units as f64,
+            (end.switches - start.switches) / units as f64,
+        );
+    }
+}
+
+impl Snapshot {
+    fn now(pids: &[u32]) -> Snapshot {
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
         let ticks: Vec<f64> = stat
             .lines()
@@ -619,30 +644,13 @@ impl Split {
             .collect();
         // idle + iowait, in USER_HZ (100 per second) ticks.
         let idle = (ticks.get(3).unwrap_or(&0.0) + ticks.get(4).unwrap_or(&0.0)) / 100.0;
-        Split {
+        Snapshot {
             proxy: cpu_and_rss(pids).0,
             bench: proc_stat(std::process::id()).0,
             idle,
             switches: ctx_switches(pids),
             at: Instant::now(),
         }
-    }
-
-    /// Prints the phase since `self`, per unit (message or session).
-    fn print(&self, name: &str, phase: &str, pids: &[u32], units: usize) {
-        if std::env::var_os("WSBROKER_BENCH_SPLIT").is_none() {
-            return;
-        }
-        let end = Split::now(pids);
-        let per = |a: f64, b: f64| (b - a) * 1e6 / units as f64;
-        eprintln!(
-            "{name:>16} {phase:>3}: proxy {:7.2} us, clients+upstream {:7.2} us, idle {:6.2} us, 2 cores x wall {:7.2} us, proxy context switches {:5.2} per unit",
-            per(self.proxy, end.proxy),
-            per(self.bench, end.bench),
-            per(self.idle, end.idle),
-            end.at.duration_since(self.at).as_secs_f64() * 2e6 / units as f64,
-            (end.switches - self.switches) / units as f64,
-        );
     }
 }
 

@@ -109,6 +109,9 @@ pub struct UpstreamUrl {
     pub port: u16,
     /// Path prefix put before the client's path ("" for none).
     pub base_path: String,
+    /// The `Host` header sent to it: [`authority`](Self::authority), without
+    /// the port when it is the scheme's default.
+    pub host_header: String,
 }
 
 impl UpstreamUrl {
@@ -130,13 +133,20 @@ impl UpstreamUrl {
             return Err(format!("{s:?}: an upstream URL cannot carry a query"));
         }
         let base_path = uri.path().trim_end_matches('/').to_string();
-        Ok(UpstreamUrl {
+        let mut url = UpstreamUrl {
             url: s.to_string(),
             tls,
             host,
             port,
             base_path,
-        })
+            host_header: String::new(),
+        };
+        url.host_header = url.authority();
+        if port == if tls { 443 } else { 80 } {
+            let without_port = url.host_header.rfind(':').unwrap_or(url.host_header.len());
+            url.host_header.truncate(without_port);
+        }
+        Ok(url)
     }
 
     /// `host:port` as dialled (IPv6 literals bracketed).
@@ -191,5 +201,16 @@ mod tests {
         let v6 = UpstreamUrl::parse("ws://[::1]:9001").expect("valid url");
         assert_eq!(v6.authority(), "[::1]:9001");
         assert!(UpstreamUrl::parse("http://x").is_err());
+    }
+
+    #[test]
+    fn host_headers_leave_out_default_ports() {
+        let host = |u: &str| UpstreamUrl::parse(u).expect("valid url").host_header;
+        assert_eq!(host("ws://app:80/ws"), "app");
+        assert_eq!(host("wss://app"), "app");
+        assert_eq!(host("ws://app:9001"), "app:9001");
+        assert_eq!(host("wss://app:80"), "app:80");
+        assert_eq!(host("ws://[::1]"), "[::1]");
+        assert_eq!(host("ws://[::1]:9001"), "[::1]:9001");
     }
 }

@@ -129,12 +129,11 @@ async fn dial_inner(
         .unwrap_or(0);
     // base64 output is ASCII; 16 bytes always encode to 24 characters.
     let key = std::str::from_utf8(&key_buf[..key_len]).unwrap_or("");
-    let default_port = if url.tls { 443 } else { 80 };
     let (sid, epoch) = req.session;
     let mut head = String::with_capacity(
         256 + url.base_path.len()
             + req.path_and_query.len()
-            + url.host.len()
+            + url.host_header.len()
             + req.headers.len()
             + sid.len(),
     );
@@ -145,18 +144,7 @@ async fn dial_inner(
     }
     head.push_str(req.path_and_query);
     head.push_str(" HTTP/1.1\r\nHost: ");
-    let v6 = url.host.contains(':');
-    if v6 {
-        head.push('[');
-    }
-    head.push_str(&url.host);
-    if v6 {
-        head.push(']');
-    }
-    if url.port != default_port {
-        head.push(':');
-        head.push_str(decimal_str(url.port.into(), &mut [0u8; 20]));
-    }
+    head.push_str(&url.host_header);
     head.push_str("\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ");
     head.push_str(key);
     head.push_str("\r\n");
