@@ -20,6 +20,8 @@
 //! an A/B comparison within one run.
 
 mod common;
+#[path = "common/floor_relay.rs"]
+mod floor_relay;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -677,7 +679,46 @@ fn raise_fd_limit() -> u64 {
     }
 }
 
+/// Set (to `LISTEN,UPSTREAM`) when this executable is started as the floor
+/// relay.
+const FLOOR_ENV: &str = "WSBROKER_BENCH_FLOOR";
+
+/// The floor relay (see `floor_relay.rs`): this executable started again in
+/// relay mode, as a process of its own so its CPU and memory are measured
+/// like the other proxies'.
+fn start_floor(app: SocketAddr) -> Target {
+    let addr = loopback();
+    let exe = std::env::current_exe().expect("own executable");
+    let child = Command::new(exe)
+        .env(FLOOR_ENV, format!("{addr},{app}"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("floor relay");
+    let pid = child.id();
+    Target {
+        name: "floor",
+        addr,
+        owner: None,
+        pids: Box::new(move || vec![pid]),
+        phases: Phases {
+            messages: true,
+            sessions: true,
+            idle: false,
+        },
+        _procs: vec![Proc(child)],
+    }
+}
+
 fn main() {
+    if let Ok(spec) = std::env::var(FLOOR_ENV) {
+        let mut addrs = spec.split(',').map(|a| a.parse().expect("floor address"));
+        let (listen, upstream) = (
+            addrs.next().expect("listen"),
+            addrs.next().expect("upstream"),
+        );
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        floor_relay::run(listen, upstream, cpus);
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let fds = raise_fd_limit();
     // Each idle session holds two descriptors in the proxy (and two here):
@@ -745,6 +786,7 @@ async fn run(s: Settings, fds: u64) {
         on_registry,
         start_nginx(&dir, "nginx+wsbroker", single_addr, Some(single_pid)),
         hop,
+        start_floor(app),
     ];
     if std::env::var_os("WSBROKER_BENCH_ALT_WRAP").is_some() {
         targets.push(start_wsbroker(
@@ -852,6 +894,7 @@ fn print_table(results: &[(&str, Row)], s: &Settings, fds: u64) {
             .map(|(_, r)| r.clone())
             .unwrap_or_default()
     };
+    let floor = find("floor");
     let (w, ng, hp, vk, hop, chain) = (
         find("wsbroker"),
         find("nginx"),
@@ -907,5 +950,29 @@ fn print_table(results: &[(&str, Row)], s: &Settings, fds: u64) {
         r,
         ">= 0.9",
         r >= 0.9,
+    );
+    // The floor is a yardstick, not a target: how far the same figures go
+    // for a relay that does nothing but copy bytes.
+    let yardstick = |label: &str, ratio: f64| {
+        if ratio.is_finite() && ratio > 0.0 {
+            println!("  {label:<46} {ratio:>5.2}");
+        }
+    };
+    println!("\nthe floor (bare epoll byte relay, nginx's process model) in this run:");
+    yardstick(
+        "round-trip msg/s, floor / nginx",
+        floor.rtt_msgs_per_s / ng.rtt_msgs_per_s,
+    );
+    yardstick(
+        "throughput msg/s, floor / haproxy",
+        floor.tp_msgs_per_s / hp.tp_msgs_per_s,
+    );
+    yardstick(
+        "CPU per message, floor / haproxy",
+        floor.cpu_us_per_msg / hp.cpu_us_per_msg,
+    );
+    yardstick(
+        "CPU per new session, floor / nginx",
+        floor.cpu_us_per_session / ng.cpu_us_per_session,
     );
 }
