@@ -52,9 +52,14 @@ struct Pipe {
 }
 
 impl Pipe {
-    fn new() -> Self {
+    /// A pipe with a buffer from the thread's pool (nginx reuses its
+    /// buffers too; a fresh zeroed 16 KiB per direction per connection
+    /// would put a memset on every session).
+    fn new(pool: &mut Vec<Box<[u8]>>) -> Self {
         Pipe {
-            buf: vec![0; BUF].into_boxed_slice(),
+            buf: pool
+                .pop()
+                .unwrap_or_else(|| vec![0; BUF].into_boxed_slice()),
             start: 0,
             end: 0,
         }
@@ -144,6 +149,17 @@ struct Conn {
     down: Pipe,
 }
 
+/// Buffers a thread keeps for new connections.
+const POOL_MAX: usize = 256;
+
+fn recycle(conn: Conn, pool: &mut Vec<Box<[u8]>>) {
+    for buf in [conn.up.buf, conn.down.buf] {
+        if pool.len() < POOL_MAX {
+            pool.push(buf);
+        }
+    }
+}
+
 fn worker(mut listener: TcpListener, upstream_addr: SocketAddr) {
     let mut poll = Poll::new().expect("epoll");
     poll.registry()
@@ -152,6 +168,7 @@ fn worker(mut listener: TcpListener, upstream_addr: SocketAddr) {
     let mut conns: Vec<Option<Conn>> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
     let mut events = Events::with_capacity(512);
+    let mut pool: Vec<Box<[u8]>> = Vec::new();
     loop {
         if poll.poll(&mut events, None).is_err() {
             continue;
@@ -180,8 +197,8 @@ fn worker(mut listener: TcpListener, upstream_addr: SocketAddr) {
                         client,
                         upstream,
                         connected: false,
-                        up: Pipe::new(),
-                        down: Pipe::new(),
+                        up: Pipe::new(&mut pool),
+                        down: Pipe::new(&mut pool),
                     });
                 }
                 continue;
@@ -193,7 +210,9 @@ fn worker(mut listener: TcpListener, upstream_addr: SocketAddr) {
             let from_client = ev.token().0 % 2 == 0;
             if !from_client && !c.connected && ev.is_writable() {
                 if c.upstream.take_error().ok().flatten().is_some() {
-                    conns[slot] = None;
+                    if let Some(conn) = conns[slot].take() {
+                        recycle(conn, &mut pool);
+                    }
                     free.push(slot);
                     continue;
                 }
@@ -219,14 +238,17 @@ fn worker(mut listener: TcpListener, upstream_addr: SocketAddr) {
             let mut alive = true;
             if ev.is_writable() && (from_client || *connected) && to_side.end > 0 {
                 let was_full = to_side.end == BUF;
-                alive &= to_side.flush(side) && (!was_full || to_side.pump(other, side, true, false));
+                alive &=
+                    to_side.flush(side) && (!was_full || to_side.pump(other, side, true, false));
             }
             if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                 let closing = ev.is_read_closed() || ev.is_error();
                 alive &= from_side.pump(side, other, other_ready, closing);
             }
             if !alive {
-                conns[slot] = None;
+                if let Some(conn) = conns[slot].take() {
+                    recycle(conn, &mut pool);
+                }
                 free.push(slot);
             }
         }
