@@ -505,8 +505,16 @@ fn read_config(r: &mut Reader) -> Config {
         username: r.string("valkey", "username", ""),
         password: r.string("valkey", "password", ""),
     };
-    if !valkey.url.starts_with("redis://") && !valkey.url.starts_with("rediss://") {
-        r.err("valkey", "url", "must start with redis:// or rediss://");
+    // TLS to the registry is not built in: refused here rather than failing
+    // (or speaking plain TCP to a TLS port) once the node is running.
+    if valkey.url.starts_with("rediss://") {
+        r.err(
+            "valkey",
+            "url",
+            "rediss:// (TLS to Valkey) is not supported; use redis:// on a private network or through a TLS tunnel",
+        );
+    } else if !valkey.url.starts_with("redis://") {
+        r.err("valkey", "url", "must start with redis://");
     }
 
     let admin = if r.has_section("admin") {
@@ -748,6 +756,20 @@ mod tests {
         ] {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
+    }
+
+    #[test]
+    fn a_tls_registry_url_is_refused_with_its_reason() {
+        let text = format!("{MINIMAL}[valkey]\nurl = \"rediss://127.0.0.1:6380/0\"\n");
+        let errs = build(&text, &no_env).unwrap_err().0;
+        let e = errs
+            .iter()
+            .find(|e| e.key == "valkey.url")
+            .expect("valkey.url reported");
+        assert!(e.reason.contains("not supported"), "{}", e.reason);
+        let text = format!("{MINIMAL}[valkey]\nurl = \"http://127.0.0.1:6379\"\n");
+        let errs = build(&text, &no_env).unwrap_err().0;
+        assert!(errs.iter().any(|e| e.key == "valkey.url"));
     }
 
     #[test]
