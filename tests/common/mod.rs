@@ -461,11 +461,44 @@ impl BrokerProcess {
     }
 
     /// [`start`](Self::start) with extra environment variables.
+    ///
+    /// Ports are picked free and then bound by the node, so another process
+    /// can take one in between: a node that exits before answering is
+    /// started again on new ports (three attempts in all).
     pub async fn start_with_env(
         upstreams: &[String],
         extra: &str,
         env: &[(&str, &str)],
     ) -> BrokerProcess {
+        for attempt in 1..=3 {
+            let mut p = BrokerProcess::spawn_with_env(upstreams, extra, env);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(status) = p.child.try_wait().expect("try_wait") {
+                    assert!(
+                        attempt < 3,
+                        "wsbroker exited at start three times: {status}"
+                    );
+                    eprintln!("wsbroker exited at start ({status}); again on new ports");
+                    break;
+                }
+                if matches!(
+                    http(p.public, "GET", "/live", &[], b"").await,
+                    Some((200, _, _))
+                ) {
+                    return p;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "timed out waiting for: wsbroker answers /live"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    fn spawn_with_env(upstreams: &[String], extra: &str, env: &[(&str, &str)]) -> BrokerProcess {
         let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let extra =
@@ -488,24 +521,12 @@ impl BrokerProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn wsbroker");
-        let p = BrokerProcess {
+        BrokerProcess {
             child,
             public,
             admin,
             dir,
-        };
-        eventually(
-            Duration::from_secs(20),
-            "wsbroker answers /live",
-            || async {
-                matches!(
-                    http(public, "GET", "/live", &[], b"").await,
-                    Some((200, _, _))
-                )
-            },
-        )
-        .await;
-        p
+        }
     }
 
     pub fn pid(&self) -> u32 {
