@@ -123,6 +123,65 @@ async fn an_upgrade_on_a_non_owner_is_forwarded_to_the_owner() {
     assert_eq!(valkey.members("wsb:node-sessions:n1").await, vec!["fw"]);
 }
 
+/// A labelled series' value, 0 when the series was never touched.
+async fn series(p: &BrokerProcess, line_start: &str) -> f64 {
+    let (_, _, body) = http(p.admin, "GET", "/metrics", &[], b"")
+        .await
+        .expect("metrics");
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_forward_the_owner_refuses_is_passed_back_and_counted_once() {
+    let valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let nodes = start_cluster(
+        2,
+        &[up.url()],
+        &valkey,
+        "[session]\nattach = \"exclusive\"\n",
+    )
+    .await;
+    let mut first = connect(&url(&nodes[0], "ex")).await;
+    echo(&mut first, "held").await;
+    assert_eq!(upgrade_status(&url(&nodes[1], "ex"), &[]).await, 409);
+    let via = &nodes[1];
+    assert_eq!(metric(via, "wsbroker_forwarded_total").await, 0.0);
+    assert_eq!(
+        series(via, "wsbroker_upgrades_total{result=\"forwarded\"}").await,
+        0.0
+    );
+    assert_eq!(
+        series(via, "wsbroker_upgrades_total{result=\"rejected\"}").await,
+        1.0
+    );
+    // The one that gets through is counted as forwarded.
+    drop(first);
+    // Until the owner has seen the drop, the newcomer still gets 409.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut again = loop {
+        if let Ok((ws, _)) = connect_with(&url(&nodes[1], "ex"), &[]).await {
+            break ws;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session never took a new client"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    echo(&mut again, "via n2").await;
+    assert_eq!(metric(via, "wsbroker_forwarded_total").await, 1.0);
+    assert_eq!(
+        series(via, "wsbroker_upgrades_total{result=\"forwarded\"}").await,
+        1.0
+    );
+}
+
 #[tokio::test]
 async fn forged_and_replayed_hops_get_403() {
     let valkey = Valkey::start().await;
@@ -548,6 +607,19 @@ async fn admin_calls_reach_the_owner_from_any_node() {
     let (status, _, _) = http(nodes[0].public, "GET", "/_wsbroker/sessions/ad", &[], b"")
         .await
         .expect("reply");
+    assert_eq!(
+        status, 426,
+        "without a hop the internal path is a plain request like any other"
+    );
+    let (status, _, _) = http(
+        nodes[0].public,
+        "GET",
+        "/_wsbroker/sessions/ad",
+        &[("X-Wsbroker-Hop", "n9 1 2 forged")],
+        b"",
+    )
+    .await
+    .expect("reply");
     assert_eq!(status, 403, "the internal endpoint needs a signed hop");
 
     let (status, _, body) = http(nodes[2].admin, "DELETE", "/admin/sessions/ad", &auth, b"")

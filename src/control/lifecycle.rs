@@ -56,8 +56,4 @@ impl Lifecycle {
         self.drain.cancel();
         before != Phase::Draining as u8
     }
-
-    pub fn accepting_sessions(&self) -> bool {
-        self.phase() == Phase::Running
-    }
 }

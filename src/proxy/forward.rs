@@ -72,21 +72,24 @@ pub(crate) async fn connect(broker: &Broker, advertise: &str) -> Result<Upstream
     Ok(MaybeTls::Tls(Box::new(tls)))
 }
 
-/// Sends the upgrade to `advertise`; returns the owner's response head and
-/// the open stream.
-async fn open_hop(
-    broker: &Broker,
-    advertise: &str,
-    parts: &Parts,
-    hop: &str,
-) -> Result<(u16, Vec<(String, String)>, UpstreamIo, BytesMut), HopFailure> {
-    let mut io = connect(broker, advertise).await?;
+/// The upgrade request sent to the owner: the client's path, its `Host`
+/// (so the owner's upstream sees the client's `X-Forwarded-Host`; the
+/// owner's address only when the client sent none) and its end-to-end
+/// headers, then the signed hop.
+fn hop_request_head(parts: &Parts, advertise: &str, hop: &str) -> String {
     let target = parts
         .uri
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    let mut head = format!("GET {target} HTTP/1.1\r\nHost: {advertise}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n");
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or(advertise);
+    let mut head = format!(
+        "GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    );
     for (name, value) in &parts.headers {
         if NOT_COPIED.contains(&name.as_str()) {
             continue;
@@ -96,7 +99,20 @@ async fn open_hop(
         }
     }
     head.push_str(&format!("{HOP_HEADER}: {hop}\r\n\r\n"));
-    io.write_all(head.as_bytes()).await?;
+    head
+}
+
+/// Sends the upgrade to `advertise`; returns the owner's response head and
+/// the open stream.
+async fn open_hop(
+    broker: &Broker,
+    advertise: &str,
+    parts: &Parts,
+    hop: &str,
+) -> Result<(u16, Vec<(String, String)>, UpstreamIo, BytesMut), HopFailure> {
+    let mut io = connect(broker, advertise).await?;
+    io.write_all(hop_request_head(parts, advertise, hop).as_bytes())
+        .await?;
     let mut buf = BytesMut::with_capacity(1024);
     let end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -214,8 +230,6 @@ pub async fn forward(
                 return (unreachable(), None);
             }
         };
-    broker.metrics.forwarded.inc();
-    broker.metrics.upgrade(UpgradeResult::Forwarded);
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     for (name, value) in headers {
@@ -240,6 +254,10 @@ pub async fn forward(
         *resp.body_mut() = Full::new(rest.freeze());
         return (resp, None);
     }
+    // Counted once, as forwarded; a refusal by the owner is counted by the
+    // caller like any other refused upgrade.
+    broker.metrics.forwarded.inc();
+    broker.metrics.upgrade(UpgradeResult::Forwarded);
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     let tunnel = Tunnel {
@@ -257,4 +275,41 @@ fn unreachable() -> Response<Body> {
         StatusCode::SERVICE_UNAVAILABLE,
         "503 Service Unavailable: session owner unreachable",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(headers: &[(&str, &str)]) -> Parts {
+        let mut req = hyper::Request::builder().uri("/room?session=s1");
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        req.body(()).expect("request").into_parts().0
+    }
+
+    #[test]
+    fn the_hop_carries_the_clients_host_and_headers_but_not_its_hop_by_hop_ones() {
+        let p = parts(&[
+            ("host", "chat.example"),
+            ("cookie", "a=b"),
+            ("connection", "Upgrade, keep-alive"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("x-wsbroker-hop", "forged"),
+        ]);
+        let head = hop_request_head(&p, "10.0.0.5:8080", "signed");
+        assert!(head.starts_with("GET /room?session=s1 HTTP/1.1\r\nHost: chat.example\r\n"));
+        assert!(head.contains("cookie: a=b\r\n"));
+        assert!(head.contains("sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"));
+        assert!(!head.contains("keep-alive"));
+        assert!(!head.contains("forged"));
+        assert!(head.ends_with("x-wsbroker-hop: signed\r\n\r\n"));
+    }
+
+    #[test]
+    fn without_a_client_host_the_hop_names_the_owner() {
+        let head = hop_request_head(&parts(&[]), "10.0.0.5:8080", "signed");
+        assert!(head.contains("\r\nHost: 10.0.0.5:8080\r\n"));
+    }
 }

@@ -24,6 +24,7 @@ use super::session_id;
 use super::upstream_dial::accept_key_bytes;
 use crate::broker::Broker;
 use crate::config::SessionKey;
+use crate::control::lifecycle::Phase;
 use crate::control::metrics::UpgradeResult;
 use crate::control::{health, sessions_api};
 use crate::decimal::{ip_str, MAX_IP_TEXT};
@@ -102,7 +103,12 @@ pub async fn handle(
     broker: Arc<Broker>,
 ) -> Result<Response<Body>, Infallible> {
     let is_upgrade = is_upgrade(req.headers());
-    if !is_upgrade && req.uri().path().starts_with(sessions_api::INTERNAL_PREFIX) {
+    // The node-to-node endpoint exists only for requests that carry a hop
+    // (verified there); to anyone else its path is like any other: 426.
+    if !is_upgrade
+        && req.uri().path().starts_with(sessions_api::INTERNAL_PREFIX)
+        && req.headers().contains_key(HOP_HEADER)
+    {
         return Ok(sessions_api::internal(req, &broker).await);
     }
     if !is_upgrade {
@@ -311,11 +317,20 @@ async fn check_and_route(
     let hop_header = headers
         .get(HOP_HEADER)
         .map(|v| v.to_str().unwrap_or("").to_string());
-    if !broker.lifecycle.accepting_sessions() {
-        return Err(text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "503 Service Unavailable: node is draining",
-        ));
+    match broker.lifecycle.phase() {
+        Phase::Running => {}
+        Phase::Starting => {
+            return Err(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "503 Service Unavailable: node is starting",
+            ))
+        }
+        Phase::Draining => {
+            return Err(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "503 Service Unavailable: node is draining",
+            ))
+        }
     }
 
     let cfg = &broker.config.session;
