@@ -40,6 +40,9 @@ pub struct Broker {
     pub creating: DashMap<Arc<str>, watch::Sender<()>>,
     /// The members as the last heartbeat saw them (cluster mode).
     pub members: std::sync::Mutex<Vec<Member>>,
+    /// Clients this node tunnels to their sessions' owners right now
+    /// (a drain waits for them as for its own sessions).
+    pub tunnels: std::sync::atomic::AtomicUsize,
 }
 
 impl Broker {
@@ -85,6 +88,7 @@ impl Broker {
             shutdown: CancellationToken::new(),
             creating: DashMap::new(),
             members: std::sync::Mutex::new(Vec::new()),
+            tunnels: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 }

@@ -361,6 +361,44 @@ async fn drain_rehomes_sessions_at_once() {
 }
 
 #[tokio::test]
+async fn a_draining_node_sends_its_tunnelled_clients_away_and_the_owner_keeps_the_session() {
+    let valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let mut nodes = start_cluster(
+        2,
+        &[up.url()],
+        &valkey,
+        "[node]\ndrain_timeout = \"2s\"\n[session]\nattach = \"shared\"\n",
+    )
+    .await;
+    let mut on_owner = connect(&url(&nodes[0], "tn")).await;
+    echo(&mut on_owner, "a").await;
+    let mut tunnelled = connect(&url(&nodes[1], "tn")).await;
+    echo(&mut tunnelled, "b").await;
+    // Shared: the upstream's echo reached both clients.
+    assert_eq!(next_data(&mut on_owner).await, Message::text("b"));
+    nodes[1].signal("TERM");
+    let (code, reason) = expect_close(&mut tunnelled, Duration::from_secs(3)).await;
+    assert_eq!((code, reason.as_str()), (1012, "service restart"));
+    // The non-owner exits once its tunnel is gone, well within its
+    // drain_timeout; the owner's session and upstream connection were
+    // never touched.
+    let draining = Instant::now();
+    nodes[1].wait_exit(Duration::from_secs(5)).await;
+    assert!(
+        draining.elapsed() < Duration::from_millis(1500),
+        "drained in {:?}",
+        draining.elapsed()
+    );
+    echo(&mut on_owner, "still here").await;
+    assert_eq!(up.connections_for("tn"), 1);
+    assert!(up.closes_for("tn").is_empty(), "the upstream saw no Close");
+    let mut back = connect(&url(&nodes[0], "tn")).await;
+    echo(&mut back, "back").await;
+    assert_eq!(up.connections_for("tn"), 1);
+}
+
+#[tokio::test]
 async fn session_keys_are_removed_and_a_dead_nodes_are_collected() {
     let valkey = Valkey::start().await;
     let up = TestUpstream::start().await;

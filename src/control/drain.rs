@@ -1,7 +1,9 @@
 //! Graceful shutdown: stop taking sessions, send every client away with
-//! 1012 spread over a jitter window, and wait for the sessions to end.
+//! 1012 spread over a jitter window, and wait for the sessions (and the
+//! clients tunnelled to other nodes) to end.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,12 +43,15 @@ pub async fn drain(broker: &Arc<Broker>) {
                 told.insert(s.id.clone());
             }
         }
-        if broker.sessions.is_empty() {
+        // Tunnelled clients (sessions owned elsewhere) leave by themselves
+        // over the same window (see `forward.rs`).
+        let tunnels = broker.tunnels.load(Ordering::Acquire);
+        if broker.sessions.is_empty() && tunnels == 0 {
             tracing::info!(node = %broker.node_id, "drained");
             return;
         }
         if Instant::now() >= deadline {
-            tracing::warn!(node = %broker.node_id, left = broker.sessions.len(), "drain timeout reached");
+            tracing::warn!(node = %broker.node_id, left = broker.sessions.len(), tunnels, "drain timeout reached");
             return;
         }
         tokio::time::sleep(POLL).await;

@@ -1,6 +1,7 @@
 //! Forwarding an upgrade to the session's owner node: one signed hop,
 //! the owner's answer passed back to the client, then a byte tunnel.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,9 +15,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_util::sync::CancellationToken;
 
+use super::frame::{self, FrameScanner};
 use super::handshake::{text, Body, ConnInfo};
 use super::hop::HOP_HEADER;
-use super::io::{ClientConn, MaybeTls, UpstreamIo};
+use super::io::{ClientConn, MaybeTls, ReadSide, UpstreamIo, WriteSide};
 use super::session::ConnGuard;
 use crate::broker::Broker;
 use crate::control::metrics::UpgradeResult;
@@ -144,22 +146,58 @@ async fn open_hop(
 
 /// The byte tunnel between a client and the owner node, once the client
 /// has its 101.
+///
+/// When this node drains, the client is sent away like the node's own
+/// clients: at a random moment of the drain window it gets a 1012 Close at
+/// a frame boundary of the owner's stream, and the connection to the owner
+/// is dropped without a Close — to the owner that is a client gone without
+/// one, so it keeps the session for the client to resume through another
+/// node.
 pub struct Tunnel {
     owner: UpstreamIo,
     /// Bytes the owner sent after its 101.
     rest: BytesMut,
-    stop: CancellationToken,
     session: String,
+    broker: Arc<Broker>,
+    _counted: Counted,
     _guard: ConnGuard,
 }
+
+/// Counts a tunnel in `Broker::tunnels` while it exists.
+struct Counted(Arc<Broker>);
+
+impl Counted {
+    fn new(broker: &Arc<Broker>) -> Counted {
+        broker.tunnels.fetch_add(1, Ordering::AcqRel);
+        Counted(broker.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.tunnels.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How the owner-to-client half of a tunnel ended.
+enum Ending {
+    /// The owner closed its side (passed on to the client).
+    Closed,
+    /// The node drains: the client was sent a 1012 Close.
+    SentAway,
+}
+
+/// Bytes read from the owner at a time.
+const TUNNEL_BUF: usize = 8 * 1024;
 
 impl Tunnel {
     pub async fn run(self, client: ClientConn) {
         let Tunnel {
             owner,
             rest,
-            stop,
             session,
+            broker,
+            _counted,
             _guard,
         } = self;
         let ClientConn {
@@ -168,25 +206,116 @@ impl Tunnel {
             leftover,
         } = client;
         let (mut owner_read, mut owner_write) = owner.into_sides();
-        let to_owner = async {
-            if !leftover.is_empty() {
-                owner_write.write_all(&leftover).await?;
+        let window = broker.config.node.drain_timeout / 2;
+        let sent_away = {
+            let to_owner = async {
+                if !leftover.is_empty() {
+                    owner_write.write_all(&leftover).await?;
+                }
+                tokio::io::copy(&mut client_read, &mut owner_write).await?;
+                owner_write.shutdown().await
+            };
+            let to_client = to_client(
+                &mut owner_read,
+                &mut client_write,
+                rest,
+                &broker.lifecycle.drain,
+                window,
+            );
+            tokio::pin!(to_owner, to_client);
+            let (mut owner_side_done, mut client_side_done) = (false, false);
+            loop {
+                tokio::select! {
+                    r = &mut to_owner, if !owner_side_done => {
+                        owner_side_done = true;
+                        if r.is_err() {
+                            break false;
+                        }
+                    }
+                    r = &mut to_client, if !client_side_done => {
+                        client_side_done = true;
+                        match r {
+                            Ok(Ending::Closed) => {}
+                            Ok(Ending::SentAway) => break true,
+                            Err(_) => break false,
+                        }
+                    }
+                    _ = broker.shutdown.cancelled() => break false,
+                }
+                if owner_side_done && client_side_done {
+                    break false;
+                }
             }
-            tokio::io::copy(&mut client_read, &mut owner_write).await?;
-            owner_write.shutdown().await
         };
-        let to_client = async {
-            if !rest.is_empty() {
-                client_write.write_all(&rest).await?;
+        if sent_away {
+            tracing::debug!(session, "tunnelled client sent away (drain)");
+            // The owner's connection goes without a Close (dropped here);
+            // the client's answer is read and dropped, not passed on. The
+            // drain counts the client as gone from here on.
+            drop(owner_write);
+            drop(owner_read);
+            drop(_counted);
+            let _ = tokio::time::timeout(Duration::from_secs(1), client_write.shutdown()).await;
+            tokio::select! {
+                _ = super::client_reader::linger(&mut client_read) => {}
+                _ = broker.shutdown.cancelled() => {}
             }
-            tokio::io::copy(&mut owner_read, &mut client_write).await?;
-            client_write.shutdown().await
-        };
+        } else {
+            tracing::debug!(session, "forwarded connection ended");
+        }
+    }
+}
+
+/// Relays the owner's bytes to the client, tracking frame boundaries so a
+/// drain can put its Close between two frames.
+async fn to_client(
+    owner: &mut ReadSide,
+    client: &mut WriteSide,
+    rest: BytesMut,
+    drain: &CancellationToken,
+    window: Duration,
+) -> std::io::Result<Ending> {
+    // The owner is a node of this cluster: its frames are well-formed and
+    // already within the size limit.
+    let mut scanner = FrameScanner::new(false, u64::MAX);
+    let mut events = Vec::new();
+    // Bytes read and not relayed yet sit at the front of `buf`: only a
+    // partial frame header or an incomplete control frame (at most 139
+    // bytes) stays between reads, so a read always has room.
+    let mut buf = vec![0u8; TUNNEL_BUF.max(rest.len() + 256)];
+    buf[..rest.len()].copy_from_slice(&rest);
+    let mut filled = rest.len();
+    let leave = async {
+        drain.cancelled().await;
+        tokio::time::sleep(window.mul_f64(fastrand::f64())).await;
+    };
+    tokio::pin!(leave);
+    let mut leaving = false;
+    loop {
+        if filled > 0 {
+            events.clear();
+            let whole = scanner
+                .scan(&buf[..filled], &mut events)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            client.write_all(&buf[..whole]).await?;
+            buf.copy_within(whole..filled, 0);
+            filled -= whole;
+        }
+        if leaving && scanner.at_frame_boundary() {
+            let close = frame::encode_close(1012, "service restart", false);
+            let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&close)).await;
+            return Ok(Ending::SentAway);
+        }
         tokio::select! {
-            r = async { tokio::try_join!(to_owner, to_client) } => {
-                tracing::debug!(session, result = ?r.map(|_| ()), "forwarded connection ended");
+            _ = &mut leave, if !leaving => leaving = true,
+            n = owner.read(&mut buf[filled..]) => {
+                let n = n?;
+                if n == 0 {
+                    client.shutdown().await?;
+                    return Ok(Ending::Closed);
+                }
+                filled += n;
             }
-            _ = stop.cancelled() => {}
         }
     }
 }
@@ -263,8 +392,9 @@ pub async fn forward(
     let tunnel = Tunnel {
         owner: io,
         rest,
-        stop: broker.shutdown.clone(),
         session: session.to_string(),
+        broker: broker.clone(),
+        _counted: Counted::new(broker),
         _guard: conn.guard.clone(),
     };
     (resp, Some(tunnel))
