@@ -49,6 +49,9 @@ struct Pipe {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    /// The source's FIN was seen (edge-triggered: it is not reported
+    /// again, so the end of stream must be read for even after a pause).
+    read_closed: bool,
 }
 
 impl Pipe {
@@ -62,6 +65,7 @@ impl Pipe {
                 .unwrap_or_else(|| vec![0; BUF].into_boxed_slice()),
             start: 0,
             end: 0,
+            read_closed: false,
         }
     }
 
@@ -81,7 +85,7 @@ impl Pipe {
 
     /// Reads what `from` has (while there is room), writes what it can to
     /// `to`. Returns false when the connection is over.
-    /// `closing`: the peer's FIN came with this event, so a short read is
+    /// `closing`: the peer's FIN has been seen, so a short read is
     /// not the end of what there is to read (the end of stream is next).
     fn pump(
         &mut self,
@@ -238,11 +242,13 @@ fn worker(mut listener: TcpListener, upstream_addr: SocketAddr) {
             let mut alive = true;
             if ev.is_writable() && (from_client || *connected) && to_side.end > 0 {
                 let was_full = to_side.end == BUF;
+                let closing = to_side.read_closed;
                 alive &=
-                    to_side.flush(side) && (!was_full || to_side.pump(other, side, true, false));
+                    to_side.flush(side) && (!was_full || to_side.pump(other, side, true, closing));
             }
             if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                let closing = ev.is_read_closed() || ev.is_error();
+                from_side.read_closed |= ev.is_read_closed() || ev.is_error();
+                let closing = from_side.read_closed;
                 alive &= from_side.pump(side, other, other_ready, closing);
             }
             if !alive {

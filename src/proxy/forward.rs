@@ -15,8 +15,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_util::sync::CancellationToken;
 
-use super::frame::{self, FrameScanner};
-use super::handshake::{text, Body, ConnInfo};
+use super::frame::{self, Event, FrameScanner};
+use super::handshake::{text, values_have_token, Body, ConnInfo};
 use super::hop::HOP_HEADER;
 use super::io::{ClientConn, MaybeTls, ReadSide, UpstreamIo, WriteSide};
 use super::session::ConnGuard;
@@ -92,8 +92,11 @@ fn hop_request_head(parts: &Parts, advertise: &str, hop: &str) -> String {
     let mut head = format!(
         "GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
     );
+    // Headers the client's `Connection` names are hop-by-hop: not copied
+    // (the direct path drops them too).
+    let connection = parts.headers.get_all(header::CONNECTION);
     for (name, value) in &parts.headers {
-        if NOT_COPIED.contains(&name.as_str()) {
+        if NOT_COPIED.contains(&name.as_str()) || values_have_token(&connection, name.as_str()) {
             continue;
         }
         if let Ok(v) = value.to_str() {
@@ -189,6 +192,13 @@ enum Ending {
 
 /// Bytes read from the owner at a time.
 const TUNNEL_BUF: usize = 8 * 1024;
+/// How long past its moment a leaving client may wait for a frame
+/// boundary (and for its Close to be written) before it is cut off.
+const LEAVE_GRACE: Duration = Duration::from_secs(1);
+/// How long a client may keep its side open once the owner has closed.
+const CLOSE_LINGER: Duration = Duration::from_secs(5);
+/// A timer that is not armed yet.
+const FAR_FUTURE: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl Tunnel {
     pub async fn run(self, client: ClientConn) {
@@ -206,7 +216,10 @@ impl Tunnel {
             leftover,
         } = client;
         let (mut owner_read, mut owner_write) = owner.into_sides();
-        let window = broker.config.node.drain_timeout / 2;
+        // When this tunnel's client leaves in a drain: a random moment of
+        // the window (as for the node's own clients).
+        let jitter = (broker.config.node.drain_timeout / 2).mul_f64(fastrand::f64());
+        let drain = &broker.lifecycle.drain;
         let sent_away = {
             let to_owner = async {
                 if !leftover.is_empty() {
@@ -215,14 +228,17 @@ impl Tunnel {
                 tokio::io::copy(&mut client_read, &mut owner_write).await?;
                 owner_write.shutdown().await
             };
-            let to_client = to_client(
-                &mut owner_read,
-                &mut client_write,
-                rest,
-                &broker.lifecycle.drain,
-                window,
-            );
-            tokio::pin!(to_owner, to_client);
+            let to_client = to_client(&mut owner_read, &mut client_write, rest, drain, jitter);
+            // Bounds: a client that cannot be given its Close (the owner
+            // mid-frame, or the client not reading) is cut LEAVE_GRACE after
+            // its moment; once the owner has closed, the client has
+            // CLOSE_LINGER to close its side.
+            let cut = async {
+                drain.cancelled().await;
+                tokio::time::sleep(jitter + LEAVE_GRACE).await;
+            };
+            let linger = tokio::time::sleep(FAR_FUTURE);
+            tokio::pin!(to_owner, to_client, cut, linger);
             let (mut owner_side_done, mut client_side_done) = (false, false);
             loop {
                 tokio::select! {
@@ -235,11 +251,15 @@ impl Tunnel {
                     r = &mut to_client, if !client_side_done => {
                         client_side_done = true;
                         match r {
-                            Ok(Ending::Closed) => {}
+                            Ok(Ending::Closed) => linger
+                                .as_mut()
+                                .reset(tokio::time::Instant::now() + CLOSE_LINGER),
                             Ok(Ending::SentAway) => break true,
                             Err(_) => break false,
                         }
                     }
+                    _ = &mut cut => break false,
+                    _ = &mut linger => break false,
                     _ = broker.shutdown.cancelled() => break false,
                 }
                 if owner_side_done && client_side_done {
@@ -273,7 +293,7 @@ async fn to_client(
     client: &mut WriteSide,
     rest: BytesMut,
     drain: &CancellationToken,
-    window: Duration,
+    jitter: Duration,
 ) -> std::io::Result<Ending> {
     // The owner is a node of this cluster: its frames are well-formed and
     // already within the size limit.
@@ -287,21 +307,27 @@ async fn to_client(
     let mut filled = rest.len();
     let leave = async {
         drain.cancelled().await;
-        tokio::time::sleep(window.mul_f64(fastrand::f64())).await;
+        tokio::time::sleep(jitter).await;
     };
     tokio::pin!(leave);
     let mut leaving = false;
+    // The owner's Close went through: the closing handshake is under way
+    // and a second Close must not follow it.
+    let mut owner_closed = false;
     loop {
         if filled > 0 {
             events.clear();
             let whole = scanner
                 .scan(&buf[..filled], &mut events)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            owner_closed |= events
+                .iter()
+                .any(|e| matches!(e, Event::Control { opcode, .. } if *opcode == frame::OP_CLOSE));
             client.write_all(&buf[..whole]).await?;
             buf.copy_within(whole..filled, 0);
             filled -= whole;
         }
-        if leaving && scanner.at_frame_boundary() {
+        if leaving && !owner_closed && scanner.at_frame_boundary() {
             let close = frame::encode_close(1012, "service restart", false);
             let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&close)).await;
             return Ok(Ending::SentAway);
@@ -424,7 +450,8 @@ mod tests {
         let p = parts(&[
             ("host", "chat.example"),
             ("cookie", "a=b"),
-            ("connection", "Upgrade, keep-alive"),
+            ("connection", "Upgrade, keep-alive, x-trace"),
+            ("x-trace", "hop-by-hop"),
             ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
             ("x-wsbroker-hop", "forged"),
         ]);
@@ -433,6 +460,7 @@ mod tests {
         assert!(head.contains("cookie: a=b\r\n"));
         assert!(head.contains("sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"));
         assert!(!head.contains("keep-alive"));
+        assert!(!head.contains("x-trace"), "named by Connection: not copied");
         assert!(!head.contains("forged"));
         assert!(head.ends_with("x-wsbroker-hop: signed\r\n\r\n"));
     }

@@ -66,7 +66,7 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 
 /// Whether one of a header's values (comma-separated lists) names `token`,
 /// ignoring case.
-fn values_have_token(values: &header::GetAll<'_, HeaderValue>, token: &str) -> bool {
+pub(super) fn values_have_token(values: &header::GetAll<'_, HeaderValue>, token: &str) -> bool {
     values.iter().any(|v| {
         v.as_bytes()
             .split(|&b| b == b',')

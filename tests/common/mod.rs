@@ -482,10 +482,13 @@ impl BrokerProcess {
                     eprintln!("wsbroker exited at start ({status}); again on new ports");
                     break;
                 }
+                // The answer must come from this child, not from a process
+                // that holds the port it failed to bind.
                 if matches!(
                     http(p.public, "GET", "/live", &[], b"").await,
                     Some((200, _, _))
-                ) {
+                ) && p.child.try_wait().expect("try_wait").is_none()
+                {
                     return p;
                 }
                 assert!(
