@@ -390,7 +390,18 @@ async fn wait_ready(t: &Target) {
             close(ws).await;
             return;
         }
-        assert!(Instant::now() < deadline, "{} never became ready", t.name);
+        if Instant::now() >= deadline {
+            // Say which of its processes are gone (a port taken between
+            // picking and binding it makes a process exit at once).
+            let gone: Vec<u32> = (t.pids)()
+                .into_iter()
+                .filter(|p| !Path::new(&format!("/proc/{p}")).exists())
+                .collect();
+            panic!(
+                "{} never became ready at {}; processes exited: {gone:?}",
+                t.name, t.addr
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
