@@ -395,7 +395,18 @@ async fn wait_ready(t: &Target) {
             // picking and binding it makes a process exit at once).
             let gone: Vec<u32> = (t.pids)()
                 .into_iter()
-                .filter(|p| !Path::new(&format!("/proc/{p}")).exists())
+                .filter(|p| {
+                    // Gone, or a zombie not reaped yet.
+                    std::fs::read_to_string(format!("/proc/{p}/stat"))
+                        .map(|st| {
+                            st.rsplit(')')
+                                .next()
+                                .unwrap_or("")
+                                .trim_start()
+                                .starts_with('Z')
+                        })
+                        .unwrap_or(true)
+                })
                 .collect();
             panic!(
                 "{} never became ready at {}; processes exited: {gone:?}",
