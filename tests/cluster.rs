@@ -16,15 +16,21 @@ fn url(p: &BrokerProcess, sid: &str) -> String {
     format!("ws://{}/?session={sid}", p.public)
 }
 
-async fn metric(p: &BrokerProcess, name: &str) -> f64 {
+/// The value of the first metrics line starting with `line_start`.
+async fn metric_line(p: &BrokerProcess, line_start: &str) -> Option<f64> {
     let (_, _, body) = http(p.admin, "GET", "/metrics", &[], b"")
         .await
         .expect("metrics");
-    let text = String::from_utf8_lossy(&body).to_string();
-    text.lines()
-        .find(|l| l.starts_with(name))
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find(|l| l.starts_with(line_start))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+async fn metric(p: &BrokerProcess, name: &str) -> f64 {
+    metric_line(p, name)
+        .await
         .unwrap_or_else(|| panic!("{name} missing"))
 }
 
@@ -125,15 +131,7 @@ async fn an_upgrade_on_a_non_owner_is_forwarded_to_the_owner() {
 
 /// A labelled series' value, 0 when the series was never touched.
 async fn series(p: &BrokerProcess, line_start: &str) -> f64 {
-    let (_, _, body) = http(p.admin, "GET", "/metrics", &[], b"")
-        .await
-        .expect("metrics");
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    metric_line(p, line_start).await.unwrap_or(0.0)
 }
 
 #[tokio::test]

@@ -83,6 +83,21 @@ impl Pipe {
         true
     }
 
+    /// One write of the held bytes (a full socket leaves them held); false
+    /// when the connection is over.
+    fn write_once(&mut self, to: &mut TcpStream) -> bool {
+        match to.write(&self.buf[self.start..self.end]) {
+            Ok(n) => self.start += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(_) => return false,
+        }
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        true
+    }
+
     /// Reads what `from` has (while there is room), writes what it can to
     /// `to`. Returns false when the connection is over.
     /// `closing`: the peer's FIN has been seen, so a short read is
@@ -95,16 +110,8 @@ impl Pipe {
         closing: bool,
     ) -> bool {
         loop {
-            if to_ready && self.start < self.end {
-                match to.write(&self.buf[self.start..self.end]) {
-                    Ok(n) => self.start += n,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                    Err(_) => return false,
-                }
-                if self.start == self.end {
-                    self.start = 0;
-                    self.end = 0;
-                }
+            if to_ready && self.start < self.end && !self.write_once(to) {
+                return false;
             }
             if self.end == self.buf.len() {
                 // Full: wait for `to` to drain (its writable event).
@@ -124,18 +131,7 @@ impl Pipe {
                     if n < room && !closing {
                         // A short read drained the socket (as nginx and
                         // tokio assume): write it and wait for the next edge.
-                        if to_ready {
-                            match to.write(&self.buf[self.start..self.end]) {
-                                Ok(w) => self.start += w,
-                                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                                Err(_) => return false,
-                            }
-                            if self.start == self.end {
-                                self.start = 0;
-                                self.end = 0;
-                            }
-                        }
-                        return true;
+                        return !to_ready || self.write_once(to);
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return true,

@@ -32,9 +32,9 @@ use crate::clock;
 use crate::control::upstreams::UpstreamLease;
 
 /// How long a finishing close handshake may take.
-const CLOSE_LINGER: Duration = Duration::from_secs(5);
+pub(super) const CLOSE_LINGER: Duration = Duration::from_secs(5);
 /// Bound on one injected close frame's write.
-const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+pub(super) const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Operator messages queued while the upstream is mid-message.
 const MAX_PENDING_SENDS: usize = 64;
 

@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_util::sync::CancellationToken;
 
+use super::driver::{CLOSE_LINGER, CLOSE_WRITE_TIMEOUT};
 use super::frame::{self, Event, FrameScanner};
 use super::handshake::{text, values_have_token, Body, ConnInfo};
 use super::hop::HOP_HEADER;
@@ -195,8 +196,6 @@ const TUNNEL_BUF: usize = 8 * 1024;
 /// How long past its moment a leaving client may wait for a frame
 /// boundary (and for its Close to be written) before it is cut off.
 const LEAVE_GRACE: Duration = Duration::from_secs(1);
-/// How long a client may keep its side open once the owner has closed.
-const CLOSE_LINGER: Duration = Duration::from_secs(5);
 /// A timer that is not armed yet.
 const FAR_FUTURE: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -275,7 +274,7 @@ impl Tunnel {
             drop(owner_write);
             drop(owner_read);
             drop(_counted);
-            let _ = tokio::time::timeout(Duration::from_secs(1), client_write.shutdown()).await;
+            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, client_write.shutdown()).await;
             tokio::select! {
                 _ = super::client_reader::linger(&mut client_read) => {}
                 _ = broker.shutdown.cancelled() => {}
@@ -329,7 +328,7 @@ async fn to_client(
         }
         if leaving && !owner_closed && scanner.at_frame_boundary() {
             let close = frame::encode_close(1012, "service restart", false);
-            let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&close)).await;
+            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, client.write_all(&close)).await;
             return Ok(Ending::SentAway);
         }
         tokio::select! {

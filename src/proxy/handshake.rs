@@ -317,20 +317,13 @@ async fn check_and_route(
     let hop_header = headers
         .get(HOP_HEADER)
         .map(|v| v.to_str().unwrap_or("").to_string());
-    match broker.lifecycle.phase() {
-        Phase::Running => {}
-        Phase::Starting => {
-            return Err(text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "503 Service Unavailable: node is starting",
-            ))
-        }
-        Phase::Draining => {
-            return Err(text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "503 Service Unavailable: node is draining",
-            ))
-        }
+    let not_serving = match broker.lifecycle.phase() {
+        Phase::Running => None,
+        Phase::Starting => Some("503 Service Unavailable: node is starting"),
+        Phase::Draining => Some("503 Service Unavailable: node is draining"),
+    };
+    if let Some(why) = not_serving {
+        return Err(text(StatusCode::SERVICE_UNAVAILABLE, why));
     }
 
     let cfg = &broker.config.session;
