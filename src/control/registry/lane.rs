@@ -235,50 +235,95 @@ impl Lane {
     /// order, within `timeout`. A timeout or an I/O failure kills the lane
     /// (replies could no longer be matched to calls).
     pub async fn call(&self, commands: &[&[&[u8]]], timeout: Duration) -> Answer {
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut q = self.shared.lock();
-            if let Some(why) = &q.dead {
-                return Err(why.clone());
-            }
-            if q.waiting.len() >= MAX_WAITING {
-                return Err(LaneError::Busy);
-            }
-            for c in commands {
-                encode(&mut q.out, c);
-            }
-            q.waiting.push_back(Waiter {
-                replies: commands.len(),
-                got: Vec::with_capacity(commands.len()),
-                tx,
-            });
-        }
+        let rx = self.enqueue(commands)?;
         let exchange = async {
-            {
-                let mut w = self.write.lock().await;
-                // Whatever is queued now goes out in one write; a call
-                // whose bytes another caller already wrote finds nothing.
-                let mut out = std::mem::take(&mut self.shared.lock().out);
-                if !out.is_empty() {
-                    let mut guard = WriteGuard {
-                        shared: &self.shared,
-                        done: false,
-                    };
-                    w.write_all(&out)
-                        .await
-                        .map_err(|e| LaneError::Io(e.to_string()))?;
-                    guard.done = true;
-                    // Give the buffer back for the next calls' commands,
-                    // unless some arrived meanwhile or it grew large.
-                    out.clear();
-                    let mut q = self.shared.lock();
-                    if q.out.is_empty() && out.capacity() <= MAX_REPLY {
-                        q.out = out;
-                    }
-                }
-            }
+            self.flush().await?;
             rx.await.map_err(|_| LaneError::Closed)?
         };
+        self.bounded(timeout, exchange).await
+    }
+
+    /// Like [`Lane::call`], but the commands first wait up to `delay` for
+    /// another call's write to carry them: a session end rides along with
+    /// the next claim instead of costing a write (and a read on the
+    /// server) of its own.
+    pub async fn call_deferred(
+        &self,
+        commands: &[&[&[u8]]],
+        timeout: Duration,
+        delay: Duration,
+    ) -> Answer {
+        let mut rx = self.enqueue(commands)?;
+        let exchange = async {
+            tokio::select! {
+                biased;
+                answer = &mut rx => return answer.map_err(|_| LaneError::Closed)?,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            // Nobody wrote them meanwhile (or did, and the replies are on
+            // their way): a flush finds nothing in the latter case.
+            self.flush().await?;
+            rx.await.map_err(|_| LaneError::Closed)?
+        };
+        self.bounded(timeout, exchange).await
+    }
+
+    /// Queues `commands` for the next write and a waiter for their replies.
+    fn enqueue(&self, commands: &[&[&[u8]]]) -> Result<oneshot::Receiver<Answer>, LaneError> {
+        let (tx, rx) = oneshot::channel();
+        let mut q = self.shared.lock();
+        if let Some(why) = &q.dead {
+            return Err(why.clone());
+        }
+        if q.waiting.len() >= MAX_WAITING {
+            return Err(LaneError::Busy);
+        }
+        // Commands and waiters are queued under one lock, so the order of
+        // the bytes written is the order replies are handed out in.
+        for c in commands {
+            encode(&mut q.out, c);
+        }
+        q.waiting.push_back(Waiter {
+            replies: commands.len(),
+            got: Vec::with_capacity(commands.len()),
+            tx,
+        });
+        Ok(rx)
+    }
+
+    /// Writes whatever is queued now in one write; a call whose bytes
+    /// another caller already wrote finds nothing.
+    async fn flush(&self) -> Result<(), LaneError> {
+        let mut w = self.write.lock().await;
+        let mut out = std::mem::take(&mut self.shared.lock().out);
+        if out.is_empty() {
+            return Ok(());
+        }
+        let mut guard = WriteGuard {
+            shared: &self.shared,
+            done: false,
+        };
+        w.write_all(&out)
+            .await
+            .map_err(|e| LaneError::Io(e.to_string()))?;
+        guard.done = true;
+        // Give the buffer back for the next calls' commands, unless some
+        // arrived meanwhile or it grew large.
+        out.clear();
+        let mut q = self.shared.lock();
+        if q.out.is_empty() && out.capacity() <= MAX_REPLY {
+            q.out = out;
+        }
+        Ok(())
+    }
+
+    /// Runs one exchange within `timeout`; a timeout or a failure kills
+    /// the lane.
+    async fn bounded(
+        &self,
+        timeout: Duration,
+        exchange: impl std::future::Future<Output = Answer>,
+    ) -> Answer {
         match tokio::time::timeout(timeout, exchange).await {
             Ok(Ok(replies)) => Ok(replies),
             Ok(Err(e)) => {

@@ -20,6 +20,10 @@ use super::{Claim, RegistryError, SessionEnd};
 use crate::clock;
 use crate::config::Config;
 
+/// Longest a batch of session ends waits for a claim's write to carry it
+/// before it is written on its own.
+const END_RIDE_ALONG: Duration = Duration::from_millis(2);
+
 /// A node's registration record.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NodeRecord {
@@ -503,7 +507,11 @@ impl ValkeyRegistry {
                 commands.push([b"DELIFEQ", key.as_bytes(), value.as_bytes()]);
             }
             let commands: Vec<&[&[u8]]> = commands.iter().map(|c| &c[..]).collect();
-            let replies = self.lane_call(&commands).await?;
+            // Ends are not waited on by anyone: they ride along with the
+            // next claim's write when one comes soon.
+            let replies = self
+                .lane_call_within(&commands, Some(END_RIDE_ALONG))
+                .await?;
             // Replies pair up with commands: SREM, DELIFEQ, SREM, ...
             for (end, deleted) in checked.iter().zip(replies.iter().skip(1).step_by(2)) {
                 match deleted {
@@ -821,8 +829,22 @@ impl ValkeyRegistry {
     /// One pipeline on the fast lane. An error reply is returned as such;
     /// `READONLY` (a demoted primary) also drops both connections.
     async fn lane_call(&self, commands: &[&[&[u8]]]) -> Result<Vec<Reply>, RegistryError> {
+        self.lane_call_within(commands, None).await
+    }
+
+    /// [`Self::lane_call`], with the commands waiting up to `defer` for
+    /// another call's write to carry them.
+    async fn lane_call_within(
+        &self,
+        commands: &[&[&[u8]]],
+        defer: Option<Duration>,
+    ) -> Result<Vec<Reply>, RegistryError> {
         let lane = self.lane().await?;
-        let replies = match lane.call(commands, self.op_timeout).await {
+        let answer = match defer {
+            None => lane.call(commands, self.op_timeout).await,
+            Some(delay) => lane.call_deferred(commands, self.op_timeout, delay).await,
+        };
+        let replies = match answer {
             Ok(r) => r,
             Err(e) => {
                 self.drop_lane();
