@@ -41,10 +41,25 @@ pub struct Node {
     listeners: CancellationToken,
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+/// Pending connections the kernel may queue before they are accepted
+/// (capped by `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds a listener whose accepted connections come with `TCP_NODELAY`
+/// already set: Linux copies it from the listening socket, which saves
+/// a system call per connection.
+fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let bound = || -> std::io::Result<TcpListener> {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_nodelay(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    bound().map_err(|source| StartError::Bind { addr, source })
 }
 
 /// Binds the listeners and starts serving.
@@ -61,13 +76,13 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
             Registry::Valkey(Box::new(ValkeyState::new(ValkeyRegistry::new(&config)?)))
         }
     };
-    let public = bind(config.node.listen).await?;
+    let public = bind(config.node.listen)?;
     let public_addr = public.local_addr().map_err(|source| StartError::Bind {
         addr: config.node.listen,
         source,
     })?;
     let admin_listener = match &config.admin {
-        Some(a) => Some(bind(a.listen).await?),
+        Some(a) => Some(bind(a.listen)?),
         None => None,
     };
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -140,5 +155,20 @@ impl Node {
         let _ =
             tokio::time::timeout(std::time::Duration::from_secs(5), self.broker.tasks.wait()).await;
         tracing::info!(node = %self.broker.node_id, "stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_connections_inherit_tcp_nodelay() {
+        let listener = bind("127.0.0.1:0".parse().expect("address")).expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        assert!(accepted.nodelay().expect("TCP_NODELAY readable"));
     }
 }

@@ -161,6 +161,64 @@ async fn close_codes_pass_through_both_ways() {
     .await;
 }
 
+/// Reads until the server ends the connection; true for a clean end of
+/// stream (FIN), false for a reset.
+async fn ends_cleanly(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 512];
+    loop {
+        match tokio::time::timeout(within, s.read(&mut buf))
+            .await
+            .expect("the node closes the connection in time")
+        {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Once the close handshake is over (started by either side) the node
+/// closes the TCP connection at once, with a FIN, not a reset.
+#[tokio::test]
+async fn the_connection_ends_cleanly_right_after_the_close_handshake() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "").await;
+    // Well under the close linger (5 s) and the kick grace (2 s): only a
+    // close right after the handshake ends the connection in time.
+    let prompt = Duration::from_millis(1500);
+
+    // The client closes first.
+    let (mut s, rest) = raw_upgrade(node.public, "/?session=tcp-end-1").await;
+    s.write_all(&frame::encode_close(4101, "client done", true))
+        .await
+        .expect("write");
+    let (code, _) = raw_read_close(&mut s, rest, Duration::from_secs(5)).await;
+    assert_eq!(code, 4101, "the upstream's answer passes through");
+    assert!(
+        ends_cleanly(&mut s, prompt).await,
+        "client-started close ended with a reset"
+    );
+
+    // The upstream closes first; the client answers.
+    let (mut s, rest) = raw_upgrade(node.public, "/?session=tcp-end-2").await;
+    raw_send_text(&mut s, "close 4202 upstream done").await;
+    let (code, reason) = raw_read_close(&mut s, rest, Duration::from_secs(5)).await;
+    assert_eq!((code, reason.as_str()), (4202, "upstream done"));
+    s.write_all(&frame::encode_close(4202, "", true))
+        .await
+        .expect("write");
+    assert!(
+        ends_cleanly(&mut s, prompt).await,
+        "upstream-started close ended with a reset"
+    );
+
+    eventually(Duration::from_secs(5), "both sessions gone", || async {
+        node.broker().sessions.get("tcp-end-1").is_none()
+            && node.broker().sessions.get("tcp-end-2").is_none()
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn session_id_from_header_cookie_and_path() {
     let up = TestUpstream::start().await;

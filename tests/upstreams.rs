@@ -225,3 +225,33 @@ async fn a_failing_upstream_is_skipped_for_a_working_one() {
     assert_eq!(good.handshakes().len(), 4);
     task.abort();
 }
+
+/// An upstream address where nothing listens: the connect is refused at
+/// once, and the session goes to the next upstream.
+#[tokio::test]
+async fn a_refused_upstream_is_skipped_for_a_working_one() {
+    let refused = format!("ws://127.0.0.1:{}", free_port());
+    let good = TestUpstream::start().await;
+    let node = TestNode::start(
+        &[refused, good.url()],
+        "[upstream]\nbalance = \"round_robin\"\n",
+    )
+    .await;
+    for i in 0..4 {
+        let mut ws = connect(&node.url(&format!("/?session=r{i}"))).await;
+        echo(&mut ws, "x").await;
+    }
+    assert_eq!(good.handshakes().len(), 4);
+}
+
+/// An upstream named by host name (resolved when connecting) works like
+/// one given by address.
+#[tokio::test]
+async fn an_upstream_named_by_host_name_is_reached() {
+    let up = TestUpstream::start().await;
+    let named = format!("ws://localhost:{}", up.addr.port());
+    let node = TestNode::start(&[named], "").await;
+    let mut ws = connect(&node.url("/?session=named")).await;
+    echo(&mut ws, "by name").await;
+    assert_eq!(up.handshakes().len(), 1);
+}

@@ -48,6 +48,9 @@ struct Client {
     /// The client's stream is at a message boundary of the upstream stream
     /// (a client that joins mid-message starts at the next message).
     synced: bool,
+    /// Its reader has ended after passing on the client's Close: nothing
+    /// more is read from the connection.
+    reader_done: bool,
     _conn: ConnGuard,
 }
 
@@ -581,6 +584,7 @@ impl Driver {
             writer,
             kicked,
             synced,
+            reader_done: false,
             _conn: conn,
         }
     }
@@ -759,6 +763,9 @@ impl Driver {
             return None;
         }
         // The last client closes: the session ends, the code passes through.
+        if let Some(c) = self.clients.iter_mut().find(|c| c.id == client) {
+            c.reader_done = true;
+        }
         self.write_upstream(&close).await;
         self.start_closing();
         None
@@ -843,14 +850,23 @@ impl Driver {
                 self.close_clients(1001, "session ended").await;
             }
             Stop::Done => {
+                // The close handshake is over. A client whose reader has
+                // ended is closed with one `close` (no `shutdown` first);
+                // one still read from gets its FIN now.
                 for c in self.clients.iter_mut() {
-                    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, c.writer.shutdown()).await;
+                    if !(c.reader_done && c.writer.close_quietly()) {
+                        let _ =
+                            tokio::time::timeout(CLOSE_WRITE_TIMEOUT, c.writer.shutdown()).await;
+                    }
                 }
                 self.clients.clear();
             }
         }
         if let Ok(mut w) = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, self.up_write.lock()).await {
-            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, w.io.shutdown()).await;
+            // The upstream ended its stream: closing the socket is enough.
+            if !(self.upstream_eof && w.io.close_quietly()) {
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, w.io.shutdown()).await;
+            }
         }
         if !self.upstream_eof {
             Box::pin(client_reader::linger(&mut self.up_read)).await;

@@ -49,6 +49,26 @@ pub enum ReadSide {
 pub enum WriteSide {
     Tcp(OwnedWriteHalf),
     Stream(WriteHalf<Boxed>),
+    /// Given up with [`WriteSide::close_quietly`]: writes fail.
+    Closed,
+}
+
+impl WriteSide {
+    /// Gives a plain TCP write side up without a `shutdown` of its own:
+    /// the connection closes (and its FIN goes out) with the `close` that
+    /// follows once the read side is dropped too. For a connection whose
+    /// close handshake is over, this saves a system call. False (and
+    /// nothing done) for TLS, whose end needs a `close_notify` written by
+    /// `shutdown`.
+    pub fn close_quietly(&mut self) -> bool {
+        if !matches!(self, WriteSide::Tcp(_)) {
+            return false;
+        }
+        if let WriteSide::Tcp(w) = std::mem::replace(self, WriteSide::Closed) {
+            w.forget();
+        }
+        true
+    }
 }
 
 impl<T: ByteStream + 'static> MaybeTls<T> {
@@ -217,6 +237,7 @@ impl AsyncWrite for WriteSide {
         match self.get_mut() {
             WriteSide::Tcp(w) => Pin::new(w).poll_write(cx, buf),
             WriteSide::Stream(w) => Pin::new(w).poll_write(cx, buf),
+            WriteSide::Closed => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
         }
     }
 
@@ -224,6 +245,7 @@ impl AsyncWrite for WriteSide {
         match self.get_mut() {
             WriteSide::Tcp(w) => Pin::new(w).poll_flush(cx),
             WriteSide::Stream(w) => Pin::new(w).poll_flush(cx),
+            WriteSide::Closed => Poll::Ready(Ok(())),
         }
     }
 
@@ -231,6 +253,7 @@ impl AsyncWrite for WriteSide {
         match self.get_mut() {
             WriteSide::Tcp(w) => Pin::new(w).poll_shutdown(cx),
             WriteSide::Stream(w) => Pin::new(w).poll_shutdown(cx),
+            WriteSide::Closed => Poll::Ready(Ok(())),
         }
     }
 }

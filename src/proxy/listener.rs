@@ -65,6 +65,8 @@ pub async fn serve(
                 continue;
             }
         };
+        // On Linux the listener's TCP_NODELAY is inherited (see `server::bind`).
+        #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
         match limit.clone().try_acquire_owned() {
             Ok(permit) => {

@@ -1,6 +1,7 @@
 //! Opening the upstream WebSocket: TCP (and TLS for wss://), the client
 //! handshake written and checked by hand, and the active health probe.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use base64::Engine;
@@ -103,6 +104,43 @@ async fn connect_io(url: &UpstreamUrl, tls: &UpstreamTls) -> Result<UpstreamIo, 
     Ok(MaybeTls::Tls(Box::new(stream)))
 }
 
+/// Connects to a plain `ws://` upstream at an IP address and sends `head`
+/// right behind the `connect`. On loopback or a fast network the
+/// connection is up by the time `connect` returns, so the request goes out
+/// without a round through the I/O driver to learn that the socket is
+/// writable (nor a `getsockopt` for the connect's outcome: a failed
+/// connect fails the send). Otherwise the request is written once the
+/// socket is writable, as on any connection.
+async fn connect_and_send(addr: SocketAddr, head: &[u8]) -> Result<UpstreamIo, DialError> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )
+    .map_err(DialError::Connect)?;
+    let _ = socket.set_tcp_nodelay(true);
+    match socket.connect(&SockAddr::from(addr)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(DialError::Connect(e)),
+    }
+    let sent = match socket.send(head) {
+        Ok(n) => n,
+        // Still connecting: written below once writable.
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(DialError::Connect(e)),
+    };
+    let mut tcp =
+        TcpStream::from_std(std::net::TcpStream::from(socket)).map_err(DialError::Connect)?;
+    if sent < head.len() {
+        tcp.write_all(&head[sent..])
+            .await
+            .map_err(DialError::Connect)?;
+    }
+    Ok(MaybeTls::Plain(tcp))
+}
+
 /// Opens the upstream WebSocket for one session within `timeout`.
 pub async fn dial(
     url: &UpstreamUrl,
@@ -120,7 +158,6 @@ async fn dial_inner(
     tls: &UpstreamTls,
     req: &DialRequest<'_>,
 ) -> Result<UpstreamConn, DialError> {
-    let mut io = connect_io(url, tls).await?;
     let mut key_bytes = [0u8; 16];
     fastrand::fill(&mut key_bytes);
     let mut key_buf = [0u8; 24];
@@ -154,9 +191,20 @@ async fn dial_inner(
     head.push_str("\r\nX-Session-Epoch: ");
     head.push_str(decimal_str(epoch, &mut [0u8; 20]));
     head.push_str("\r\n\r\n");
-    io.write_all(head.as_bytes())
-        .await
-        .map_err(DialError::Connect)?;
+    let plain_ip = match url.host.parse::<std::net::IpAddr>() {
+        Ok(ip) if !url.tls => Some(SocketAddr::new(ip, url.port)),
+        _ => None,
+    };
+    let mut io = match plain_ip {
+        Some(addr) => connect_and_send(addr, head.as_bytes()).await?,
+        None => {
+            let mut io = connect_io(url, tls).await?;
+            io.write_all(head.as_bytes())
+                .await
+                .map_err(DialError::Connect)?;
+            io
+        }
+    };
 
     let mut buf = BytesMut::with_capacity(1024);
     let head_len = loop {
