@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use dashmap::DashMap;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -37,7 +36,7 @@ pub struct Broker {
     pub hops: Option<HopKeys>,
     /// Session ids being created on this node right now; concurrent
     /// upgrades for the same id wait for the first instead of claiming.
-    pub creating: DashMap<Arc<str>, watch::Sender<()>>,
+    pub creating: DashMap<Arc<str>, Arc<tokio::sync::Notify>>,
     /// The members as the last heartbeat saw them (cluster mode).
     pub members: std::sync::Mutex<Vec<Member>>,
     /// Clients this node tunnels to their sessions' owners right now

@@ -80,6 +80,33 @@ async fn upstream_handshake_carries_the_contract_headers() {
     assert_eq!(hs.header("sec-websocket-extensions"), None);
 }
 
+/// The client's key goes to the upstream as it came, and the client gets
+/// the accept value RFC 6455 derives from it.
+#[tokio::test]
+async fn the_clients_key_reaches_the_upstream_and_its_accept_the_client() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "").await;
+    let mut s = tokio::net::TcpStream::connect(node.public)
+        .await
+        .expect("connect");
+    s.write_all(upgrade_request("/?session=keyed", &node.public.to_string()).as_bytes())
+        .await
+        .expect("write");
+    let (head, _) = raw_read_head(&mut s, Duration::from_secs(5)).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "expected 101, got {head}");
+    // RFC 6455 section 1.3's example key and its accept value.
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "wrong accept in {head}"
+    );
+    let hs = up.handshakes().pop().expect("one handshake");
+    assert_eq!(
+        hs.header("sec-websocket-key"),
+        Some("dGhlIHNhbXBsZSBub25jZQ==")
+    );
+}
+
 #[tokio::test]
 async fn fragmented_messages_and_pings_are_relayed() {
     let up = TestUpstream::start().await;

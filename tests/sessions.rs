@@ -71,6 +71,32 @@ async fn shared_clients_all_receive_and_all_send() {
     echo(&mut b, "still here").await;
 }
 
+/// Upgrades for one new session id arriving together: one of them
+/// creates the session, the others wait for it (woken as soon as it is
+/// there, not at their timeout) and join it; the upstream sees one
+/// connection.
+#[tokio::test]
+async fn simultaneous_upgrades_for_a_new_id_create_one_session() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(
+        &[up.url()],
+        "[session]\nattach = \"shared\"\n[upstream]\nconnect_timeout = \"4s\"\n",
+    )
+    .await;
+    let url = node.url("/?session=together");
+    let started = tokio::time::Instant::now();
+    let clients = futures_util::future::join_all((0..8).map(|_| connect(&url))).await;
+    let took = started.elapsed();
+    assert_eq!(clients.len(), 8);
+    // A waiter not woken would sit out its timeout (connect_timeout + 1 s).
+    assert!(took < Duration::from_secs(3), "upgrades took {took:?}");
+    assert_eq!(up.connections_for("together"), 1);
+    assert_eq!(
+        node.broker().sessions.get("together").map(|s| s.clients()),
+        Some(8)
+    );
+}
+
 #[tokio::test]
 async fn exclusive_refuses_a_second_client_with_409() {
     let up = TestUpstream::start().await;

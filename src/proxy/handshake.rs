@@ -310,8 +310,13 @@ async fn check_and_route(
         );
         return Err(r);
     }
-    let accept = match headers.get(header::SEC_WEBSOCKET_KEY) {
-        Some(k) if valid_key(k.as_bytes()) => accept_key_bytes(k.as_bytes()),
+    // The key goes upstream as it came: the upstream's answer is then the
+    // client's, and is checked against it (one digest per upgrade).
+    let (key, accept) = match headers.get(header::SEC_WEBSOCKET_KEY) {
+        Some(k) if valid_key(k.as_bytes()) => match k.to_str() {
+            Ok(text) => (text, accept_key_bytes(k.as_bytes())),
+            Err(_) => return Err(bad("missing or malformed Sec-WebSocket-Key")),
+        },
         _ => return Err(bad("missing or malformed Sec-WebSocket-Key")),
     };
     let hop_header = headers
@@ -375,6 +380,8 @@ async fn check_and_route(
         path_and_query,
         headers: upstream_headers(&parts.headers, &client_ip, tls),
         protocols: offered_protocols(&parts.headers),
+        key,
+        accept: &accept,
     };
     let routed = match route(broker, &id, &upstream_req, hopped).await {
         Ok(Decision::Local {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use super::driver::{Driver, PendingDriver};
 use super::session::{AttachRefused, Cmd, EndReason, Reservation, Session};
@@ -53,6 +53,10 @@ pub struct UpstreamRequest<'a> {
     pub headers: String,
     /// The subprotocols the client offered (comma-separated), if any.
     pub protocols: Option<String>,
+    /// The client's `Sec-WebSocket-Key` (validated), sent upstream as is.
+    pub key: &'a str,
+    /// Its `Sec-WebSocket-Accept`: what the upstream must answer.
+    pub accept: &'a [u8; 28],
 }
 
 /// Where an upgrade goes.
@@ -100,15 +104,18 @@ pub async fn route(
         // One creation per id on this node at a time; others wait for it.
         let creating = match broker.creating.entry(id.clone()) {
             dashmap::mapref::entry::Entry::Occupied(e) => {
-                let mut rx = e.get().subscribe();
+                let done = e.get().clone();
+                // Registered before the entry is let go: the creator's
+                // removal (which needs the entry) comes after, and its
+                // `notify_waiters` reaches this waiter.
+                let notified = done.notified();
                 drop(e);
                 let wait = broker.upstreams.connect_timeout() + Duration::from_secs(1);
-                let _ = tokio::time::timeout(wait, rx.changed()).await;
+                let _ = tokio::time::timeout(wait, notified).await;
                 continue;
             }
             dashmap::mapref::entry::Entry::Vacant(v) => {
-                let (tx, _) = watch::channel(());
-                v.insert(tx);
+                v.insert(Arc::new(Notify::new()));
                 CreatingGuard { broker, id }
             }
         };
@@ -159,7 +166,9 @@ struct CreatingGuard<'a> {
 
 impl Drop for CreatingGuard<'_> {
     fn drop(&mut self) {
-        self.broker.creating.remove(self.id);
+        if let Some((_, done)) = self.broker.creating.remove(self.id) {
+            done.notify_waiters();
+        }
     }
 }
 
@@ -229,6 +238,8 @@ async fn create(
         headers: &req.headers,
         protocols: req.protocols.as_deref(),
         session: (id, epoch),
+        key: req.key,
+        accept: req.accept,
     };
     let upstreams = &broker.upstreams;
     // `prefer`: the upstream on record (a taken-over session goes back to it).

@@ -76,6 +76,10 @@ pub struct DialRequest<'a> {
     pub protocols: Option<&'a str>,
     /// Session id and epoch, sent as X-Session-Id and X-Session-Epoch.
     pub session: (&'a str, u64),
+    /// The `Sec-WebSocket-Key` to send (the client's, already validated).
+    pub key: &'a str,
+    /// The `Sec-WebSocket-Accept` the upstream must answer with.
+    pub accept: &'a [u8; 28],
 }
 
 /// An open upstream WebSocket.
@@ -158,14 +162,7 @@ async fn dial_inner(
     tls: &UpstreamTls,
     req: &DialRequest<'_>,
 ) -> Result<UpstreamConn, DialError> {
-    let mut key_bytes = [0u8; 16];
-    fastrand::fill(&mut key_bytes);
-    let mut key_buf = [0u8; 24];
-    let key_len = base64::engine::general_purpose::STANDARD
-        .encode_slice(key_bytes, &mut key_buf)
-        .unwrap_or(0);
-    // base64 output is ASCII; 16 bytes always encode to 24 characters.
-    let key = std::str::from_utf8(&key_buf[..key_len]).unwrap_or("");
+    let key = req.key;
     let (sid, epoch) = req.session;
     let mut head = String::with_capacity(
         256 + url.base_path.len()
@@ -241,7 +238,7 @@ async fn dial_inner(
     if !header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket")) {
         return Err(DialError::BadHandshake("missing Upgrade: websocket"));
     }
-    if header("sec-websocket-accept") != Some(accept_key_in(key.as_bytes(), &mut [0u8; 28])) {
+    if header("sec-websocket-accept").map(str::as_bytes) != Some(&req.accept[..]) {
         return Err(DialError::BadHandshake("wrong Sec-WebSocket-Accept"));
     }
     if header("sec-websocket-extensions").is_some_and(|v| !v.is_empty()) {
