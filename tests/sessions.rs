@@ -3,10 +3,12 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 async fn session_gone(node: &TestNode, id: &str) {
@@ -71,15 +73,43 @@ async fn shared_clients_all_receive_and_all_send() {
     echo(&mut b, "still here").await;
 }
 
+/// An upstream that takes `delay` before answering each WebSocket
+/// handshake (then echoes nothing, holding the connection open); counts
+/// the handshakes it completes (health probes only connect).
+async fn slow_upstream(delay: Duration) -> (String, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("ws://{}", l.local_addr().expect("addr"));
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if let Ok(mut ws) = tokio_tungstenite::accept_async(s).await {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    while let Some(Ok(_)) = ws.next().await {}
+                }
+            });
+        }
+    });
+    (url, count, task)
+}
+
 /// Upgrades for one new session id arriving together: one of them
 /// creates the session, the others wait for it (woken as soon as it is
 /// there, not at their timeout) and join it; the upstream sees one
 /// connection.
 #[tokio::test]
 async fn simultaneous_upgrades_for_a_new_id_create_one_session() {
-    let up = TestUpstream::start().await;
+    // The upstream's slow handshake keeps the first creation open while
+    // the other upgrades arrive.
+    let delay = Duration::from_millis(300);
+    let (up, handshakes, task) = slow_upstream(delay).await;
     let node = TestNode::start(
-        &[up.url()],
+        &[up],
         "[session]\nattach = \"shared\"\n[upstream]\nconnect_timeout = \"4s\"\n",
     )
     .await;
@@ -88,13 +118,15 @@ async fn simultaneous_upgrades_for_a_new_id_create_one_session() {
     let clients = futures_util::future::join_all((0..8).map(|_| connect(&url))).await;
     let took = started.elapsed();
     assert_eq!(clients.len(), 8);
+    assert!(took >= delay, "the upgrades did not wait for the upstream");
     // A waiter not woken would sit out its timeout (connect_timeout + 1 s).
     assert!(took < Duration::from_secs(3), "upgrades took {took:?}");
-    assert_eq!(up.connections_for("together"), 1);
+    assert_eq!(handshakes.load(Ordering::SeqCst), 1);
     assert_eq!(
         node.broker().sessions.get("together").map(|s| s.clients()),
         Some(8)
     );
+    task.abort();
 }
 
 #[tokio::test]

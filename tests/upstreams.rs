@@ -226,8 +226,8 @@ async fn a_failing_upstream_is_skipped_for_a_working_one() {
     task.abort();
 }
 
-/// An upstream address where nothing listens: the connect is refused at
-/// once, and the session goes to the next upstream.
+/// An upstream address where nothing listens: the connect is refused and
+/// the session goes to the next upstream.
 #[tokio::test]
 async fn a_refused_upstream_is_skipped_for_a_working_one() {
     let refused = format!("ws://127.0.0.1:{}", free_port());
@@ -254,4 +254,30 @@ async fn an_upstream_named_by_host_name_is_reached() {
     let mut ws = connect(&node.url("/?session=named")).await;
     echo(&mut ws, "by name").await;
     assert_eq!(up.handshakes().len(), 1);
+}
+
+/// An upstream whose 101 carries the wrong `Sec-WebSocket-Accept` did not
+/// do the WebSocket handshake: the client gets 502, not that 101.
+#[tokio::test]
+async fn an_upstream_with_a_wrong_accept_is_refused() {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("ws://{}", l.local_addr().expect("addr"));
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n")
+                    .await;
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    let node = TestNode::start(&[url], "").await;
+    assert_eq!(
+        upgrade_status(&node.url("/?session=bad-accept"), &[]).await,
+        502
+    );
+    task.abort();
 }

@@ -256,14 +256,18 @@ impl Driver {
         self.broker.sessions.remove(&self.session);
         // Rare and large: boxed so that an idle session's task stays small.
         Box::pin(self.finish(stop)).await;
-        Box::pin(self.broker.registry.session_ended(
-            &self.session.id,
-            self.session.epoch,
-            Some(&self.session.upstream),
+        // The connections close now, not after the registry call (which
+        // can wait for an unreachable registry).
+        let (broker, session) = (self.broker.clone(), self.session.clone());
+        drop(self);
+        Box::pin(broker.registry.session_ended(
+            &session.id,
+            session.epoch,
+            Some(&session.upstream),
         ))
         .await;
-        self.broker.metrics.sessions_active.dec();
-        tracing::debug!(session = %self.session.id, "session ended");
+        broker.metrics.sessions_active.dec();
+        tracing::debug!(session = %session.id, "session ended");
     }
 
     /// The earliest deadline: idle check, resume grace, scheduled end,

@@ -114,7 +114,9 @@ async fn connect_io(url: &UpstreamUrl, tls: &UpstreamTls) -> Result<UpstreamIo, 
 /// without a round through the I/O driver to learn that the socket is
 /// writable (nor a `getsockopt` for the connect's outcome: a failed
 /// connect fails the send). Otherwise the request is written once the
-/// socket is writable, as on any connection.
+/// socket is writable, as on any connection. Linux only: elsewhere a send
+/// during the connect may fail instead of waiting.
+#[cfg(target_os = "linux")]
 async fn connect_and_send(addr: SocketAddr, head: &[u8]) -> Result<UpstreamIo, DialError> {
     use socket2::{Domain, Protocol, SockAddr, Socket, Type};
     let socket = Socket::new(
@@ -129,7 +131,8 @@ async fn connect_and_send(addr: SocketAddr, head: &[u8]) -> Result<UpstreamIo, D
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(e) => return Err(DialError::Connect(e)),
     }
-    let sent = match socket.send(head) {
+    // MSG_NOSIGNAL: a connection already reset gives EPIPE, not SIGPIPE.
+    let sent = match socket.send_with_flags(head, libc::MSG_NOSIGNAL) {
         Ok(n) => n,
         // Still connecting: written below once writable.
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
@@ -189,12 +192,13 @@ async fn dial_inner(
     head.push_str(decimal_str(epoch, &mut [0u8; 20]));
     head.push_str("\r\n\r\n");
     let plain_ip = match url.host.parse::<std::net::IpAddr>() {
-        Ok(ip) if !url.tls => Some(SocketAddr::new(ip, url.port)),
+        Ok(ip) if !url.tls && cfg!(target_os = "linux") => Some(SocketAddr::new(ip, url.port)),
         _ => None,
     };
     let mut io = match plain_ip {
+        #[cfg(target_os = "linux")]
         Some(addr) => connect_and_send(addr, head.as_bytes()).await?,
-        None => {
+        _ => {
             let mut io = connect_io(url, tls).await?;
             io.write_all(head.as_bytes())
                 .await

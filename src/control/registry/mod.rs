@@ -114,8 +114,8 @@ impl ValkeyState {
     }
 
     /// Writes queued session ends, as many as have gathered in one
-    /// pipelined round trip (none wait for a timer: a lone end goes at
-    /// once), until `stop`; then writes what is left.
+    /// pipelined round trip (which waits up to 2 ms to go out with the
+    /// next claim's write), until `stop`; then writes what is left.
     pub async fn write_ends(&self, stop: CancellationToken) {
         let rx = self
             .ends_rx

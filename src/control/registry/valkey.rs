@@ -790,6 +790,15 @@ impl ValkeyRegistry {
         drop(old);
     }
 
+    /// Drops `failed` if it is still the current lane (not a newer one
+    /// opened since it failed).
+    fn drop_failed_lane(&self, failed: &Arc<Lane>) {
+        let mut lane = self.lane.lock().unwrap_or_else(|p| p.into_inner());
+        if lane.as_ref().is_some_and(|l| Arc::ptr_eq(l, failed)) {
+            drop(lane.take());
+        }
+    }
+
     /// The lane, if open, healthy and on the general connection's primary.
     fn current_lane(&self) -> Option<Arc<Lane>> {
         let lane = self.lane.lock().unwrap_or_else(|p| p.into_inner());
@@ -847,7 +856,7 @@ impl ValkeyRegistry {
         let replies = match answer {
             Ok(r) => r,
             Err(e) => {
-                self.drop_lane();
+                self.drop_failed_lane(&lane);
                 return Err(unavailable(e));
             }
         };
