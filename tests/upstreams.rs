@@ -163,9 +163,9 @@ async fn health_probes_take_a_dead_upstream_out_and_back() {
     );
 }
 
-/// Accepts TCP and answers every upgrade with 500: alive for the probe,
-/// failing for sessions.
-async fn failing_upstream() -> (String, tokio::task::JoinHandle<()>) {
+/// Accepts TCP and answers every upgrade with `reply` (the connection
+/// then stays open until the node closes it).
+async fn canned_upstream(reply: &'static [u8]) -> (String, tokio::task::JoinHandle<()>) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("ws://{}", l.local_addr().expect("addr"));
     let task = tokio::spawn(async move {
@@ -173,13 +173,18 @@ async fn failing_upstream() -> (String, tokio::task::JoinHandle<()>) {
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n")
-                    .await;
+                let _ = s.write_all(reply).await;
+                let _ = s.read(&mut buf).await;
             });
         }
     });
     (url, task)
+}
+
+/// Answers every upgrade with 500: alive for the probe, failing for
+/// sessions.
+async fn failing_upstream() -> (String, tokio::task::JoinHandle<()>) {
+    canned_upstream(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n").await
 }
 
 #[tokio::test]
@@ -209,9 +214,9 @@ async fn breaker_opens_after_consecutive_failures_then_502() {
     task.abort();
 }
 
-#[tokio::test]
-async fn a_failing_upstream_is_skipped_for_a_working_one() {
-    let (bad, task) = failing_upstream().await;
+/// With `bad` first in round-robin order, every session still reaches
+/// the working upstream.
+async fn sessions_skip_to_the_working_upstream(bad: String) {
     let good = TestUpstream::start().await;
     let node = TestNode::start(
         &[bad, good.url()],
@@ -223,6 +228,12 @@ async fn a_failing_upstream_is_skipped_for_a_working_one() {
         echo(&mut ws, "x").await;
     }
     assert_eq!(good.handshakes().len(), 4);
+}
+
+#[tokio::test]
+async fn a_failing_upstream_is_skipped_for_a_working_one() {
+    let (bad, task) = failing_upstream().await;
+    sessions_skip_to_the_working_upstream(bad).await;
     task.abort();
 }
 
@@ -230,18 +241,7 @@ async fn a_failing_upstream_is_skipped_for_a_working_one() {
 /// the session goes to the next upstream.
 #[tokio::test]
 async fn a_refused_upstream_is_skipped_for_a_working_one() {
-    let refused = format!("ws://127.0.0.1:{}", free_port());
-    let good = TestUpstream::start().await;
-    let node = TestNode::start(
-        &[refused, good.url()],
-        "[upstream]\nbalance = \"round_robin\"\n",
-    )
-    .await;
-    for i in 0..4 {
-        let mut ws = connect(&node.url(&format!("/?session=r{i}"))).await;
-        echo(&mut ws, "x").await;
-    }
-    assert_eq!(good.handshakes().len(), 4);
+    sessions_skip_to_the_working_upstream(format!("ws://127.0.0.1:{}", free_port())).await;
 }
 
 /// An upstream named by host name (resolved when connecting) works like
@@ -260,20 +260,7 @@ async fn an_upstream_named_by_host_name_is_reached() {
 /// do the WebSocket handshake: the client gets 502, not that 101.
 #[tokio::test]
 async fn an_upstream_with_a_wrong_accept_is_refused() {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("ws://{}", l.local_addr().expect("addr"));
-    let task = tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n")
-                    .await;
-                let _ = s.read(&mut buf).await;
-            });
-        }
-    });
+    let (url, task) = canned_upstream(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n").await;
     let node = TestNode::start(&[url], "").await;
     assert_eq!(
         upgrade_status(&node.url("/?session=bad-accept"), &[]).await,

@@ -112,6 +112,9 @@ pub struct UpstreamUrl {
     /// The `Host` header sent to it: [`authority`](Self::authority), without
     /// the port when it is the scheme's default.
     pub host_header: String,
+    /// The address to dial when the host is an IP literal (no name to
+    /// resolve), parsed once here.
+    pub ip: Option<std::net::SocketAddr>,
 }
 
 impl UpstreamUrl {
@@ -133,6 +136,10 @@ impl UpstreamUrl {
             return Err(format!("{s:?}: an upstream URL cannot carry a query"));
         }
         let base_path = uri.path().trim_end_matches('/').to_string();
+        let ip = host
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .map(|ip| std::net::SocketAddr::new(ip, port));
         let mut url = UpstreamUrl {
             url: s.to_string(),
             tls,
@@ -140,6 +147,7 @@ impl UpstreamUrl {
             port,
             base_path,
             host_header: String::new(),
+            ip,
         };
         url.host_header = url.authority();
         if port == if tls { 443 } else { 80 } {
@@ -212,5 +220,13 @@ mod tests {
         assert_eq!(host("wss://app:80"), "app:80");
         assert_eq!(host("ws://[::1]"), "[::1]");
         assert_eq!(host("ws://[::1]:9001"), "[::1]:9001");
+    }
+
+    #[test]
+    fn ip_literal_hosts_are_parsed_once_names_are_not() {
+        let ip = |u: &str| UpstreamUrl::parse(u).expect("valid url").ip;
+        assert_eq!(ip("ws://127.0.0.1:9001"), "127.0.0.1:9001".parse().ok());
+        assert_eq!(ip("ws://[::1]"), "[::1]:80".parse().ok());
+        assert_eq!(ip("ws://app:9001"), None);
     }
 }

@@ -312,12 +312,12 @@ async fn check_and_route(
     }
     // The key goes upstream as it came: the upstream's answer is then the
     // client's, and is checked against it (one digest per upgrade).
-    let (key, accept) = match headers.get(header::SEC_WEBSOCKET_KEY) {
-        Some(k) if valid_key(k.as_bytes()) => match k.to_str() {
-            Ok(text) => (text, accept_key_bytes(k.as_bytes())),
-            Err(_) => return Err(bad("missing or malformed Sec-WebSocket-Key")),
-        },
-        _ => return Err(bad("missing or malformed Sec-WebSocket-Key")),
+    let Some((key, accept)) = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|k| valid_key(k.as_bytes()))
+        .and_then(|k| Some((k.to_str().ok()?, accept_key_bytes(k.as_bytes()))))
+    else {
+        return Err(bad("missing or malformed Sec-WebSocket-Key"));
     };
     let hop_header = headers
         .get(HOP_HEADER)

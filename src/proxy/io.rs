@@ -61,13 +61,16 @@ impl WriteSide {
     /// nothing done) for TLS, whose end needs a `close_notify` written by
     /// `shutdown`.
     pub fn close_quietly(&mut self) -> bool {
-        if !matches!(self, WriteSide::Tcp(_)) {
-            return false;
+        match std::mem::replace(self, WriteSide::Closed) {
+            WriteSide::Tcp(w) => {
+                w.forget();
+                true
+            }
+            other => {
+                *self = other;
+                false
+            }
         }
-        if let WriteSide::Tcp(w) = std::mem::replace(self, WriteSide::Closed) {
-            w.forget();
-        }
-        true
     }
 }
 

@@ -1,7 +1,6 @@
 //! Opening the upstream WebSocket: TCP (and TLS for wss://), the client
 //! handshake written and checked by hand, and the active health probe.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use base64::Engine;
@@ -108,6 +107,21 @@ async fn connect_io(url: &UpstreamUrl, tls: &UpstreamTls) -> Result<UpstreamIo, 
     Ok(MaybeTls::Tls(Box::new(stream)))
 }
 
+/// Connects to the upstream and sends the request head `head`.
+async fn open_and_send(
+    url: &UpstreamUrl,
+    tls: &UpstreamTls,
+    head: &[u8],
+) -> Result<UpstreamIo, DialError> {
+    #[cfg(target_os = "linux")]
+    if let (false, Some(addr)) = (url.tls, url.ip) {
+        return connect_and_send(addr, head).await;
+    }
+    let mut io = connect_io(url, tls).await?;
+    io.write_all(head).await.map_err(DialError::Connect)?;
+    Ok(io)
+}
+
 /// Connects to a plain `ws://` upstream at an IP address and sends `head`
 /// right behind the `connect`. On loopback or a fast network the
 /// connection is up by the time `connect` returns, so the request goes out
@@ -117,7 +131,10 @@ async fn connect_io(url: &UpstreamUrl, tls: &UpstreamTls) -> Result<UpstreamIo, 
 /// socket is writable, as on any connection. Linux only: elsewhere a send
 /// during the connect may fail instead of waiting.
 #[cfg(target_os = "linux")]
-async fn connect_and_send(addr: SocketAddr, head: &[u8]) -> Result<UpstreamIo, DialError> {
+async fn connect_and_send(
+    addr: std::net::SocketAddr,
+    head: &[u8],
+) -> Result<UpstreamIo, DialError> {
     use socket2::{Domain, Protocol, SockAddr, Socket, Type};
     let socket = Socket::new(
         Domain::for_address(addr),
@@ -191,21 +208,7 @@ async fn dial_inner(
     head.push_str("\r\nX-Session-Epoch: ");
     head.push_str(decimal_str(epoch, &mut [0u8; 20]));
     head.push_str("\r\n\r\n");
-    let plain_ip = match url.host.parse::<std::net::IpAddr>() {
-        Ok(ip) if !url.tls && cfg!(target_os = "linux") => Some(SocketAddr::new(ip, url.port)),
-        _ => None,
-    };
-    let mut io = match plain_ip {
-        #[cfg(target_os = "linux")]
-        Some(addr) => connect_and_send(addr, head.as_bytes()).await?,
-        _ => {
-            let mut io = connect_io(url, tls).await?;
-            io.write_all(head.as_bytes())
-                .await
-                .map_err(DialError::Connect)?;
-            io
-        }
-    };
+    let mut io = open_and_send(url, tls, head.as_bytes()).await?;
 
     let mut buf = BytesMut::with_capacity(1024);
     let head_len = loop {
