@@ -1,6 +1,7 @@
 //! Parsers for the value shapes the configuration uses: durations, sizes,
 //! session-key specs and upstream URLs. Each returns a short reason on error.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 /// `"500ms"`, `"30s"`, `"5m"` (humantime syntax).
@@ -103,7 +104,7 @@ impl std::fmt::Display for SessionKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {
     /// As written in the configuration; the upstream's name in metrics and JSON.
-    pub url: String,
+    pub url: Arc<str>,
     pub tls: bool,
     pub host: String,
     pub port: u16,
@@ -141,7 +142,7 @@ impl UpstreamUrl {
             .ok()
             .map(|ip| std::net::SocketAddr::new(ip, port));
         let mut url = UpstreamUrl {
-            url: s.to_string(),
+            url: Arc::from(s),
             tls,
             host,
             port,

@@ -110,7 +110,7 @@ async fn reassert(broker: &Arc<Broker>, state: &ValkeyState) {
         .sessions
         .all()
         .iter()
-        .map(|s| (s.id.to_string(), s.epoch, s.upstream.clone()))
+        .map(|s| (s.id.to_string(), s.epoch, s.upstream.to_string()))
         .collect();
     match state.registry.assert_many(&sessions).await {
         Ok(lost) => {

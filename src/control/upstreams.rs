@@ -207,14 +207,14 @@ impl Upstreams {
     }
 
     pub fn find(&self, url: &str) -> Option<Arc<Upstream>> {
-        self.list.iter().find(|u| u.url.url == url).cloned()
+        self.list.iter().find(|u| *u.url.url == *url).cloned()
     }
 
     pub fn status(&self) -> Vec<UpstreamStatus> {
         self.list
             .iter()
             .map(|u| UpstreamStatus {
-                url: u.url.url.clone(),
+                url: u.url.url.to_string(),
                 healthy: u.healthy.load(Ordering::Relaxed),
                 circuit: self.circuit(u),
                 sessions: u.sessions(),
@@ -265,7 +265,7 @@ fn rendezvous_score(session_id: &str, upstream: &str) -> u64 {
 /// Moves the upstream a session is bound to (when usable) to the front.
 pub fn prefer_first(list: &mut Vec<Arc<Upstream>>, prefer: Option<&str>) {
     if let Some(prefer) = prefer {
-        if let Some(i) = list.iter().position(|u| u.url.url == prefer) {
+        if let Some(i) = list.iter().position(|u| *u.url.url == *prefer) {
             let u = list.remove(i);
             list.insert(0, u);
         }
@@ -297,7 +297,7 @@ mod tests {
     fn round_robin_rotates() {
         let p = pool(Balance::RoundRobin, 3);
         let firsts: Vec<String> = (0..3)
-            .map(|_| p.candidates("s", None)[0].url.url.clone())
+            .map(|_| p.candidates("s", None)[0].url.url.to_string())
             .collect();
         assert_eq!(firsts.len(), 3);
         assert_ne!(firsts[0], firsts[1]);
@@ -321,7 +321,7 @@ mod tests {
             assert_eq!(p.candidates("abc", None)[0].url.url, first);
         }
         let spread: std::collections::HashSet<String> = (0..50)
-            .map(|i| p.candidates(&format!("s{i}"), None)[0].url.url.clone())
+            .map(|i| p.candidates(&format!("s{i}"), None)[0].url.url.to_string())
             .collect();
         assert!(spread.len() >= 3, "hash spreads sessions: {spread:?}");
     }

@@ -12,11 +12,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::CancellationToken;
 
 use super::buffer::ReadBuffer;
 use super::frame::{self, Event, FrameScanner};
 use super::io::{ReadSide, WriteSide};
+use super::kick::Kick;
 use super::session::{Cmd, Session};
 use crate::broker::Broker;
 
@@ -39,7 +39,7 @@ pub struct Reader {
     pub client: u64,
     pub upstream: SharedUpstream,
     /// Cancelled when the broker closes this client (takeover, fault).
-    pub kicked: CancellationToken,
+    pub kicked: Kick,
 }
 
 /// A reader ready to run on the task that answered its client's upgrade
@@ -113,11 +113,10 @@ impl Running {
         let this = &mut *self;
         let me = &this.reader;
         let mut guard: Option<tokio::sync::OwnedMutexGuard<UpstreamWriter>> = None;
-        // The client's token fires on a kick and when the session stops
-        // (its parent): one waiter, created once, for both.
-        let kicked_token = me.kicked.clone();
-        let mut kicked = pin!(kicked_token.cancelled());
-        let stopped = &me.session.stopped;
+        // The client's kick fires on a takeover, a drop by the driver and
+        // when the session stops: one waiter, created once, for all three.
+        let signal = &me.session.signal;
+        let mut kicked = pin!(me.kicked.fired_in(signal));
         let mut was_kicked = false;
         let mut kick_deadline: Option<Pin<Box<Sleep>>> = None;
         let mut pending = !this.rb.buf.is_empty();
@@ -134,9 +133,9 @@ impl Running {
                 tokio::select! {
                     biased;
                     _ = kicked.as_mut(), if !was_kicked => {
-                        if stopped.is_cancelled() { Wake::Stopped } else { Wake::Kicked }
+                        if signal.is_stopped() { Wake::Stopped } else { Wake::Kicked }
                     }
-                    _ = stopped.cancelled(), if was_kicked => Wake::Stopped,
+                    _ = signal.stopped(), if was_kicked => Wake::Stopped,
                     _ = maybe_sleep(&mut kick_deadline) => Wake::KickExpired,
                     r = this.rd.read_into(&mut this.rb) => Wake::Read(r),
                 }
@@ -206,7 +205,7 @@ impl Running {
                         Err(_) => tokio::select! {
                             biased;
                             g = me.upstream.clone().lock_owned() => Some(g),
-                            _ = stopped.cancelled() => return,
+                            _ = signal.stopped() => return,
                         },
                     };
                 }
@@ -215,7 +214,7 @@ impl Running {
                 let written = tokio::select! {
                     biased;
                     r = w.io.write_all(&buf[..upto]) => r.is_ok(),
-                    _ = stopped.cancelled() => return,
+                    _ = signal.stopped() => return,
                 };
                 if !written {
                     // The upstream is gone; the driver sees it on its side.

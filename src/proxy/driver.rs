@@ -18,7 +18,6 @@ use std::task::Poll;
 
 use tokio::io::AsyncWriteExt;
 use tokio::time::{sleep_until, Instant, Sleep};
-use tokio_util::sync::CancellationToken;
 
 use bytes::{Bytes, BytesMut};
 
@@ -26,6 +25,7 @@ use super::buffer::ReadBuffer;
 use super::client_reader::{self, ReaderStart, SharedUpstream, UpstreamWriter};
 use super::frame::{self, Event, FrameError, FrameScanner};
 use super::io::{ClientConn, ReadSide, UpstreamIo, WriteSide};
+use super::kick::{Kick, Signal};
 use super::session::{Cmd, ConnGuard, EndReason, Reservation, Session};
 use crate::broker::Broker;
 use crate::clock;
@@ -44,7 +44,7 @@ struct Client {
     writer: WriteSide,
     /// Cancelled when the client is replaced or closed by the broker: its
     /// reader stops forwarding and its writes stop waiting.
-    kicked: CancellationToken,
+    kicked: Kick,
     /// The client's stream is at a message boundary of the upstream stream
     /// (a client that joins mid-message starts at the next message).
     synced: bool,
@@ -252,7 +252,7 @@ impl Driver {
         // upgrade for this id now creates a fresh session.
         self.session.mark_ended();
         self.session.close_commands();
-        self.session.stopped.cancel();
+        self.session.signal.stop();
         self.broker.sessions.remove(&self.session);
         // Rare and large: boxed so that an idle session's task stays small.
         Box::pin(self.finish(stop)).await;
@@ -501,6 +501,7 @@ impl Driver {
             return;
         }
         let stall = self.broker.config.session.idle_timeout;
+        let signal = &self.session.signal;
         let mut failed = Vec::new();
         for c in self.clients.iter_mut().filter(|c| all || c.synced) {
             let mut write = pin!(c.writer.write_all(bytes));
@@ -515,7 +516,7 @@ impl Driver {
                         tokio::select! {
                             biased;
                             r = write.as_mut() => r.is_ok(),
-                            _ = c.kicked.cancelled() => false,
+                            _ = c.kicked.fired_in(signal) => false,
                             _ = tokio::time::sleep(stall) => false,
                         }
                     })
@@ -528,7 +529,7 @@ impl Driver {
         }
         for id in failed {
             if let Some(c) = self.remove_client(id) {
-                c.kicked.cancel();
+                c.kicked.fire(&self.session.signal);
             }
         }
         if self.clients.is_empty() && !self.closing() {
@@ -556,12 +557,7 @@ impl Driver {
 
     /// Attaches a new session's first client before the driver runs (no
     /// one else can have attached or been kicked; nothing was relayed yet).
-    fn attach_first(
-        &mut self,
-        io: ClientConn,
-        kicked: CancellationToken,
-        conn: ConnGuard,
-    ) -> ReaderStart {
+    fn attach_first(&mut self, io: ClientConn, kicked: Kick, conn: ConnGuard) -> ReaderStart {
         self.session.mark_attached();
         let ClientConn {
             read,
@@ -577,7 +573,7 @@ impl Driver {
     fn new_client(
         &mut self,
         writer: WriteSide,
-        kicked: CancellationToken,
+        kicked: Kick,
         conn: ConnGuard,
         synced: bool,
     ) -> Client {
@@ -683,12 +679,7 @@ impl Driver {
         }
     }
 
-    async fn attach(
-        &mut self,
-        io: ClientConn,
-        kicked: CancellationToken,
-        conn: ConnGuard,
-    ) -> Option<Stop> {
+    async fn attach(&mut self, io: ClientConn, kicked: Kick, conn: ConnGuard) -> Option<Stop> {
         self.session.mark_attached();
         let ClientConn {
             read: rd,
@@ -703,7 +694,7 @@ impl Driver {
             self.session.mark_detached();
             return None;
         }
-        if client.kicked.is_cancelled() {
+        if client.kicked.fired(&self.session.signal) {
             // A later client took the session over after this one's place
             // was taken but before its attach was handled (the session's
             // first client attaches before the driver reads its commands).
@@ -717,7 +708,7 @@ impl Driver {
         let kicked_ids: Vec<u64> = self
             .clients
             .iter()
-            .filter(|c| c.kicked.is_cancelled())
+            .filter(|c| c.kicked.fired(&self.session.signal))
             .map(|c| c.id)
             .collect();
         for old in kicked_ids {
@@ -796,14 +787,21 @@ impl Driver {
     }
 
     async fn close_one(&mut self, c: &mut Client, code: u16, reason: &str) -> bool {
-        close_client(c, self.scanner.at_frame_boundary(), code, reason).await
+        close_client(
+            c,
+            &self.session.signal,
+            self.scanner.at_frame_boundary(),
+            code,
+            reason,
+        )
+        .await
     }
 
     async fn close_clients(&mut self, code: u16, reason: &str) {
         let mut clients = std::mem::take(&mut self.clients);
         let boundary = self.scanner.at_frame_boundary();
         for c in clients.iter_mut() {
-            close_client(c, boundary, code, reason).await;
+            close_client(c, &self.session.signal, boundary, code, reason).await;
             self.session.mark_detached();
         }
     }
@@ -895,8 +893,14 @@ async fn write_frame(up: &SharedUpstream, bytes: &[u8]) -> bool {
 
 /// Sends one client a Close frame (when its stream is at a frame boundary)
 /// and ends its half of the connection.
-async fn close_client(c: &mut Client, at_boundary: bool, code: u16, reason: &str) -> bool {
-    c.kicked.cancel();
+async fn close_client(
+    c: &mut Client,
+    signal: &Signal,
+    at_boundary: bool,
+    code: u16,
+    reason: &str,
+) -> bool {
+    c.kicked.fire(signal);
     let mut ok = false;
     if at_boundary {
         let close = frame::encode_close(code, reason, false);

@@ -420,7 +420,7 @@ pub async fn forward(
         session: session.to_string(),
         broker: broker.clone(),
         _counted: Counted::new(broker),
-        _guard: conn.guard.clone(),
+        _guard: conn.guard(),
     };
     (resp, Some(tunnel))
 }

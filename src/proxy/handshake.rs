@@ -14,6 +14,7 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 
+use super::conn_slot::ConnSlot;
 use super::driver::PendingDriver;
 use super::forward::{forward, Tunnel};
 use super::hop::HOP_HEADER;
@@ -35,8 +36,17 @@ pub type Body = Full<Bytes>;
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
-    /// Held by the connection and, after an upgrade, by the session's client.
-    pub guard: ConnGuard,
+    /// The connection's place under `max_connections`: held by the
+    /// connection and, after an upgrade, by the session's client (through
+    /// [`ConnInfo::guard`]).
+    pub slot: ConnSlot,
+}
+
+impl ConnInfo {
+    /// Keeps the connection's place while its client lives.
+    pub fn guard(self: &Arc<Self>) -> ConnGuard {
+        self.clone()
+    }
 }
 
 pub fn text(status: StatusCode, body: &str) -> Response<Body> {
@@ -128,7 +138,7 @@ pub async fn handle(
             if let Some(d) = driver {
                 d.start();
             }
-            let guard = conn.guard.clone();
+            let guard = conn.guard();
             broker.tasks.spawn(async move {
                 match on_upgrade.await {
                     Ok(upgraded) => {

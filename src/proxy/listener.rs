@@ -19,6 +19,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::conn_slot::ConnLimit;
 use tokio_util::sync::CancellationToken;
 
 use super::client_reader::ReaderStart;
@@ -30,18 +32,6 @@ use crate::broker::Broker;
 /// past that they are closed unanswered.
 const MAX_OVERLOAD_REPLIES: usize = 256;
 
-/// A place under `max_connections`, counted in `wsbroker_connections_active`.
-struct ConnSlot {
-    _permit: OwnedSemaphorePermit,
-    gauge: prometheus_client::metrics::gauge::Gauge,
-}
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        self.gauge.dec();
-    }
-}
-
 /// Accepts connections until `stop` fires.
 pub async fn serve(
     listener: TcpListener,
@@ -49,7 +39,10 @@ pub async fn serve(
     tls: Option<tokio_rustls::TlsAcceptor>,
     stop: CancellationToken,
 ) {
-    let limit = Arc::new(Semaphore::new(broker.config.limits.max_connections));
+    let limit = ConnLimit::new(
+        broker.config.limits.max_connections,
+        broker.metrics.connections_active.clone(),
+    );
     let overload = Arc::new(Semaphore::new(MAX_OVERLOAD_REPLIES));
     loop {
         let accepted = tokio::select! {
@@ -68,17 +61,12 @@ pub async fn serve(
         // On Linux the listener's TCP_NODELAY is inherited (see `server::bind`).
         #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
-        match limit.clone().try_acquire_owned() {
-            Ok(permit) => {
-                broker.metrics.connections_active.inc();
-                let slot = ConnSlot {
-                    _permit: permit,
-                    gauge: broker.metrics.connections_active.clone(),
-                };
+        match limit.try_take() {
+            Some(slot) => {
                 let info = Arc::new(ConnInfo {
                     peer,
                     tls: tls.is_some(),
-                    guard: Arc::new(slot),
+                    slot,
                 });
                 // The handshake's state is boxed and freed once answered; a
                 // new session's first client is then read on this same task
@@ -90,7 +78,7 @@ pub async fn serve(
                     }
                 });
             }
-            Err(_) => {
+            None => {
                 if let Ok(permit) = overload.clone().try_acquire_owned() {
                     broker
                         .tasks
@@ -259,7 +247,7 @@ async fn answer_upgrade(
             driver,
         } => {
             let client = ClientConn::from_stream(io, leftover);
-            let guard = info.guard.clone();
+            let guard = info.guard();
             match driver {
                 Some(driver) => driver.start_with(reservation, client, guard),
                 None => {

@@ -181,7 +181,7 @@ async fn claim_and_create(
     // The upstream this node would open goes into the claim itself: a new
     // session costs one registry round trip.
     let order = broker.upstreams.order(id);
-    let proposed = order.first().map(|u| u.url.url.as_str()).unwrap_or("");
+    let proposed = order.first().map(|u| &u.url.url);
     let (epoch, prefer, took_over) = match broker.registry.claim(id, proposed).await {
         Ok(Claim::Owned {
             epoch,
@@ -289,7 +289,7 @@ async fn create(
         let reservation = session.reserve(broker.config.session.attach);
         let driver = Driver::new(broker.clone(), session, conn.io, conn.leftover, u.lease());
         let driver = PendingDriver::new(driver);
-        if prefer != Some(u.url.url.as_str()) {
+        if prefer != Some(&*u.url.url) {
             broker.registry.set_upstream(id, epoch, &u.url.url).await;
         }
         tracing::info!(session = %id, epoch, upstream = %u.url.url, node = %broker.node_id, "session created");

@@ -13,7 +13,8 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use serde::Serialize;
 use tokio::sync::{oneshot, Notify, Semaphore};
-use tokio_util::sync::CancellationToken;
+
+use super::kick::{Kick, Signal};
 
 use super::io::ClientConn;
 use crate::clock;
@@ -100,7 +101,7 @@ pub enum Cmd {
 pub struct Attach {
     pub io: ClientConn,
     /// Fires when a later client takes the session over.
-    pub kicked: CancellationToken,
+    pub kicked: Kick,
     pub conn: ConnGuard,
 }
 
@@ -136,7 +137,7 @@ pub struct Session {
     pub id: Arc<str>,
     pub epoch: u64,
     /// The upstream URL this session is bound to.
-    pub upstream: String,
+    pub upstream: Arc<str>,
     /// The subprotocol the upstream selected at the first handshake.
     pub protocol: Option<String>,
     pub created_at: SystemTime,
@@ -145,11 +146,9 @@ pub struct Session {
     /// Upstream bytes held for replay while detached.
     pub buffered: AtomicU64,
     attach: Mutex<AttachState>,
-    /// Current takeover generation (a child of `stopped`); clients of
-    /// older generations are kicked.
-    generation: Mutex<CancellationToken>,
-    /// Fires when the driver stops: readers and pending attaches stop too.
-    pub stopped: CancellationToken,
+    /// The driver's stop and takeovers: readers and pending attaches
+    /// leave on either.
+    pub signal: Signal,
     cmd: CmdQueue,
 }
 
@@ -237,10 +236,9 @@ impl Session {
     pub fn new(
         id: Arc<str>,
         epoch: u64,
-        upstream: String,
+        upstream: Arc<str>,
         protocol: Option<String>,
     ) -> Arc<Session> {
-        let stopped = CancellationToken::new();
         Arc::new(Session {
             id,
             epoch,
@@ -250,8 +248,7 @@ impl Session {
             last_active_ms: AtomicU64::new(clock::now_ms()),
             buffered: AtomicU64::new(0),
             attach: Mutex::new(AttachState::default()),
-            generation: Mutex::new(stopped.child_token()),
-            stopped,
+            signal: Signal::default(),
             cmd: CmdQueue::new(),
         })
     }
@@ -351,7 +348,7 @@ impl Session {
             id: self.id.to_string(),
             owner: owner.to_string(),
             epoch: self.epoch,
-            upstream: self.upstream.clone(),
+            upstream: self.upstream.to_string(),
             state: if clients > 0 { "attached" } else { "detached" },
             clients,
             created_at: clock::rfc3339(self.created_at),
@@ -376,22 +373,15 @@ impl Reservation {
     /// token that fires when the client is kicked. Under `takeover`, every
     /// client attached before is kicked now. The caller attaches the client
     /// (the place stays counted as pending until the driver does).
-    fn take_place(&mut self) -> Option<(Arc<Session>, CancellationToken)> {
+    fn take_place(&mut self) -> Option<(Arc<Session>, Kick)> {
         let session = self.session.take()?;
-        let kicked = {
-            let mut generation = session.generation.lock().unwrap_or_else(|p| p.into_inner());
-            if self.mode == AttachMode::Takeover {
-                generation.cancel();
-                *generation = session.stopped.child_token();
-            }
-            generation.child_token()
-        };
+        let kicked = session.signal.join(self.mode == AttachMode::Takeover);
         Some((session, kicked))
     }
 
     /// The place for the first client of a session whose driver has not
     /// started yet (see `driver::PendingDriver`).
-    pub fn into_first_place(mut self) -> Option<CancellationToken> {
+    pub fn into_first_place(mut self) -> Option<Kick> {
         self.take_place().map(|(_, kicked)| kicked)
     }
 

@@ -2,25 +2,24 @@
 //! table, so a claim always succeeds. It remembers each live session's
 //! epoch and upstream so the shape matches the clustered registry.
 
+use std::sync::Arc;
+
 use dashmap::DashMap;
 
 use super::Claim;
 
 #[derive(Debug, Default)]
 pub struct MemoryRegistry {
-    /// Live sessions: epoch and upstream.
-    sessions: DashMap<String, (u64, Option<String>)>,
+    /// Live sessions: epoch and upstream (both names shared, not copied).
+    sessions: DashMap<Arc<str>, (u64, Option<Arc<str>>)>,
 }
 
 impl MemoryRegistry {
-    pub fn claim(&self, session: &str, proposed: &str) -> Claim {
-        let mut entry = self
-            .sessions
-            .entry(session.to_string())
-            .or_insert((0, None));
+    pub fn claim(&self, session: &Arc<str>, proposed: Option<&Arc<str>>) -> Claim {
+        let mut entry = self.sessions.entry(session.clone()).or_insert((0, None));
         entry.0 += 1;
-        if entry.1.is_none() && !proposed.is_empty() {
-            entry.1 = Some(proposed.to_string());
+        if entry.1.is_none() {
+            entry.1 = proposed.cloned();
         }
         Claim::Owned {
             epoch: entry.0,
@@ -29,10 +28,10 @@ impl MemoryRegistry {
         }
     }
 
-    pub fn set_upstream(&self, session: &str, epoch: u64, upstream: &str) {
+    pub fn set_upstream(&self, session: &str, epoch: u64, upstream: &Arc<str>) {
         if let Some(mut e) = self.sessions.get_mut(session) {
             if e.0 == epoch {
-                e.1 = Some(upstream.to_string());
+                e.1 = Some(upstream.clone());
             }
         }
     }
@@ -57,11 +56,12 @@ mod tests {
     #[test]
     fn ended_sessions_leave_no_entry() {
         let r = MemoryRegistry::default();
-        let Claim::Owned { epoch, .. } = r.claim("s", "") else {
+        let s: Arc<str> = Arc::from("s");
+        let Claim::Owned { epoch, .. } = r.claim(&s, None) else {
             panic!("memory claims always succeed")
         };
         assert_eq!(epoch, 1);
-        r.set_upstream("s", 1, "ws://u");
+        r.set_upstream("s", 1, &Arc::from("ws://u"));
         r.ended("s", 1);
         assert!(r.is_empty());
     }
@@ -69,8 +69,9 @@ mod tests {
     #[test]
     fn a_stale_end_does_not_remove_a_newer_claim() {
         let r = MemoryRegistry::default();
-        r.claim("s", "");
-        let Claim::Owned { epoch, .. } = r.claim("s", "") else {
+        let s: Arc<str> = Arc::from("s");
+        r.claim(&s, None);
+        let Claim::Owned { epoch, .. } = r.claim(&s, None) else {
             panic!("memory claims always succeed")
         };
         assert_eq!(epoch, 2);

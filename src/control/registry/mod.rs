@@ -30,12 +30,15 @@ pub enum Claim {
     /// from a node that is gone.
     Owned {
         epoch: u64,
-        prefer: Option<String>,
+        prefer: Option<Arc<str>>,
         took_over: bool,
     },
     /// The registry says this node owns it, but this process does not hold
     /// it (a restart under the same id).
-    Mine { epoch: u64, prefer: Option<String> },
+    Mine {
+        epoch: u64,
+        prefer: Option<Arc<str>>,
+    },
     /// A live node owns it.
     Elsewhere {
         node: String,
@@ -185,9 +188,13 @@ impl Registry {
 
     /// Claims `session` for this node, or says who owns it. `proposed`:
     /// the upstream this node would open, recorded in the same step when
-    /// the session has none ("" for none); the claim's `prefer` is then
-    /// the upstream on record.
-    pub async fn claim(&self, session: &str, proposed: &str) -> Result<Claim, RegistryError> {
+    /// the session has none; the claim's `prefer` is then the upstream on
+    /// record.
+    pub async fn claim(
+        &self,
+        session: &Arc<str>,
+        proposed: Option<&Arc<str>>,
+    ) -> Result<Claim, RegistryError> {
         match self {
             Registry::Memory(m) => Ok(m.claim(session, proposed)),
             // Boxed: the Valkey call's future is large, and would otherwise be
@@ -208,12 +215,12 @@ impl Registry {
     }
 
     /// Records which upstream a claimed session uses.
-    pub async fn set_upstream(&self, session: &str, epoch: u64, upstream: &str) {
+    pub async fn set_upstream(&self, session: &Arc<str>, epoch: u64, upstream: &Arc<str>) {
         match self {
             Registry::Memory(m) => m.set_upstream(session, epoch, upstream),
             Registry::Valkey(v) => {
                 if let Err(e) = Box::pin(v.registry.set_upstream(session, epoch, upstream)).await {
-                    tracing::debug!(session, error = %e, "could not record the upstream");
+                    tracing::debug!(session = %session, error = %e, "could not record the upstream");
                 }
             }
         }

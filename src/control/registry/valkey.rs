@@ -380,14 +380,15 @@ impl ValkeyRegistry {
         &self,
         sid: &str,
         allow_takeover: bool,
-        proposed: &str,
+        proposed: Option<&Arc<str>>,
     ) -> Result<Claim, RegistryError> {
+        let proposed_name: &str = proposed.map_or("", |p| p);
         let session_key = self.keys.session(sid);
         // A new session, the common case, costs two plain commands in one
         // round trip: its id goes into this node's set first (a node that
         // dies between the two leaves nothing uncollected), then the key is
         // created only if absent. A value found there goes to the script.
-        let value = session_value(&self.me.id, 1, proposed);
+        let value = session_value(&self.me.id, 1, proposed_name);
         let replies = self
             .lane_call(&[
                 &[b"SADD", self.my_set.as_bytes(), sid.as_bytes()],
@@ -404,7 +405,7 @@ impl ValkeyRegistry {
             Some(Reply::Nil) => {
                 return Ok(Claim::Owned {
                     epoch: 1,
-                    prefer: (!proposed.is_empty()).then(|| proposed.to_string()),
+                    prefer: proposed.cloned(),
                     took_over: false,
                 })
             }
@@ -419,12 +420,12 @@ impl ValkeyRegistry {
             self.keys.node_prefix(),
             sid.to_string(),
             allow.to_string(),
-            proposed.to_string(),
+            proposed_name.to_string(),
             "1".to_string(),
         ];
         let (verdict, epoch, upstream, detail): (String, u64, String, String) =
             self.eval(&self.claim, &keys, &args).await?;
-        let prefer = (!upstream.is_empty()).then_some(upstream);
+        let prefer = (!upstream.is_empty()).then(|| Arc::from(upstream));
         Ok(match verdict.as_str() {
             "new" => Claim::Owned {
                 epoch,
