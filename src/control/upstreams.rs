@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock;
 use crate::config::{Balance, UpstreamConfig, UpstreamUrl};
+use crate::proxy::upstream_addrs::UpstreamAddrs;
 use crate::tls::UpstreamTls;
 
 /// Circuit-breaker state, as `/health` reports it.
@@ -31,6 +32,8 @@ pub enum Circuit {
 #[derive(Debug)]
 pub struct Upstream {
     pub url: UpstreamUrl,
+    /// Its name's addresses, when it is named by host name.
+    pub addrs: UpstreamAddrs,
     /// Result of the last active probe (true until the first probe says otherwise).
     healthy: AtomicBool,
     /// Consecutive failed handshakes.
@@ -68,6 +71,7 @@ impl Upstream {
     fn new(url: UpstreamUrl) -> Upstream {
         Upstream {
             url,
+            addrs: UpstreamAddrs::default(),
             healthy: AtomicBool::new(true),
             failures: AtomicU32::new(0),
             open_until_ms: AtomicU64::new(0),
@@ -229,7 +233,7 @@ impl Upstreams {
                 let this = self.clone();
                 let u = u.clone();
                 async move {
-                    let ok = crate::proxy::upstream_dial::probe(&u.url, &this.tls, this.connect_timeout).await;
+                    let ok = crate::proxy::upstream_dial::probe(&u.url, &u.addrs, &this.tls, this.connect_timeout).await;
                     let was = u.healthy.swap(ok, Ordering::Relaxed);
                     if was != ok {
                         tracing::warn!(upstream = %u.url.url, healthy = ok, "upstream health changed");

@@ -8,7 +8,8 @@
 //! - `route`: the one decision — attach locally or create (or, in a
 //!   cluster, forward).
 //! - `forward`, `hop`: the signed one-hop forward to a session's owner.
-//! - `upstream_dial`: the upstream WebSocket handshake.
+//! - `upstream_dial`: the upstream WebSocket handshake; `upstream_addrs`:
+//!   the addresses of upstreams named by host name.
 //! - `session`, `driver`, `client_reader`: a live session and its relay;
 //!   `kick`: telling its clients to leave.
 //! - `frame`: frame-boundary tracking over raw bytes.
@@ -29,4 +30,5 @@ pub mod listener;
 pub mod route;
 pub mod session;
 pub mod session_id;
+pub mod upstream_addrs;
 pub mod upstream_dial;

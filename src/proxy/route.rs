@@ -250,6 +250,7 @@ async fn create(
         }
         let conn = match dial(
             &u.url,
+            &u.addrs,
             upstreams.tls(),
             upstreams.connect_timeout(),
             &dial_req,

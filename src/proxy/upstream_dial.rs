@@ -1,6 +1,9 @@
 //! Opening the upstream WebSocket: TCP (and TLS for wss://), the client
 //! handshake written and checked by hand, and the active health probe.
 
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use base64::Engine;
@@ -12,6 +15,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 
 use super::handshake::offers;
 use super::io::{MaybeTls, UpstreamIo};
+use super::upstream_addrs::UpstreamAddrs;
 use crate::config::UpstreamUrl;
 use crate::decimal::decimal_str;
 use crate::tls::UpstreamTls;
@@ -90,8 +94,41 @@ pub struct UpstreamConn {
     pub leftover: BytesMut,
 }
 
-async fn connect_io(url: &UpstreamUrl, tls: &UpstreamTls) -> Result<UpstreamIo, DialError> {
-    let tcp = TcpStream::connect((url.host.as_str(), url.port))
+/// Connects with `connect` to the upstream's address, or to each of its
+/// name's addresses in turn until one answers.
+async fn connect_each<T, F, Fut>(
+    url: &UpstreamUrl,
+    addrs: &UpstreamAddrs,
+    connect: F,
+) -> io::Result<T>
+where
+    F: Fn(SocketAddr) -> Fut,
+    Fut: Future<Output = io::Result<T>>,
+{
+    if let Some(addr) = url.ip {
+        return connect(addr).await;
+    }
+    let list = addrs.get(&url.host, url.port).await?;
+    let mut last = None;
+    for &addr in list.iter() {
+        match connect(addr).await {
+            Ok(conn) => {
+                addrs.worked(addr);
+                return Ok(conn);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    addrs.forget();
+    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address")))
+}
+
+async fn connect_io(
+    url: &UpstreamUrl,
+    addrs: &UpstreamAddrs,
+    tls: &UpstreamTls,
+) -> Result<UpstreamIo, DialError> {
+    let tcp = connect_each(url, addrs, TcpStream::connect)
         .await
         .map_err(DialError::Connect)?;
     let _ = tcp.set_nodelay(true);
@@ -110,20 +147,24 @@ async fn connect_io(url: &UpstreamUrl, tls: &UpstreamTls) -> Result<UpstreamIo, 
 /// Connects to the upstream and sends the request head `head`.
 async fn open_and_send(
     url: &UpstreamUrl,
+    addrs: &UpstreamAddrs,
     tls: &UpstreamTls,
     head: &[u8],
 ) -> Result<UpstreamIo, DialError> {
     #[cfg(target_os = "linux")]
-    if let (false, Some(addr)) = (url.tls, url.ip) {
-        return connect_and_send(addr, head).await;
+    if !url.tls {
+        let tcp = connect_each(url, addrs, |addr| connect_and_send(addr, head))
+            .await
+            .map_err(DialError::Connect)?;
+        return Ok(MaybeTls::Plain(tcp));
     }
-    let mut io = connect_io(url, tls).await?;
+    let mut io = connect_io(url, addrs, tls).await?;
     io.write_all(head).await.map_err(DialError::Connect)?;
     Ok(io)
 }
 
-/// Connects to a plain `ws://` upstream at an IP address and sends `head`
-/// right behind the `connect`. On loopback or a fast network the
+/// Connects to a plain `ws://` upstream's address and sends `head` right
+/// behind the `connect`. On loopback or a fast network the
 /// connection is up by the time `connect` returns, so the request goes out
 /// without a round through the I/O driver to learn that the socket is
 /// writable (nor a `getsockopt` for the connect's outcome: a failed
@@ -131,54 +172,49 @@ async fn open_and_send(
 /// socket is writable, as on any connection. Linux only: elsewhere a send
 /// during the connect may fail instead of waiting.
 #[cfg(target_os = "linux")]
-async fn connect_and_send(
-    addr: std::net::SocketAddr,
-    head: &[u8],
-) -> Result<UpstreamIo, DialError> {
+async fn connect_and_send(addr: SocketAddr, head: &[u8]) -> io::Result<TcpStream> {
     use socket2::{Domain, Protocol, SockAddr, Socket, Type};
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking(),
         Some(Protocol::TCP),
-    )
-    .map_err(DialError::Connect)?;
+    )?;
     let _ = socket.set_tcp_nodelay(true);
     match socket.connect(&SockAddr::from(addr)) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(DialError::Connect(e)),
+        Err(e) => return Err(e),
     }
     // MSG_NOSIGNAL: a connection already reset gives EPIPE, not SIGPIPE.
     let sent = match socket.send_with_flags(head, libc::MSG_NOSIGNAL) {
         Ok(n) => n,
         // Still connecting: written below once writable.
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
-        Err(e) => return Err(DialError::Connect(e)),
+        Err(e) => return Err(e),
     };
-    let mut tcp =
-        TcpStream::from_std(std::net::TcpStream::from(socket)).map_err(DialError::Connect)?;
+    let mut tcp = TcpStream::from_std(std::net::TcpStream::from(socket))?;
     if sent < head.len() {
-        tcp.write_all(&head[sent..])
-            .await
-            .map_err(DialError::Connect)?;
+        tcp.write_all(&head[sent..]).await?;
     }
-    Ok(MaybeTls::Plain(tcp))
+    Ok(tcp)
 }
 
 /// Opens the upstream WebSocket for one session within `timeout`.
 pub async fn dial(
     url: &UpstreamUrl,
+    addrs: &UpstreamAddrs,
     tls: &UpstreamTls,
     timeout: Duration,
     req: &DialRequest<'_>,
 ) -> Result<UpstreamConn, DialError> {
-    tokio::time::timeout(timeout, dial_inner(url, tls, req))
+    tokio::time::timeout(timeout, dial_inner(url, addrs, tls, req))
         .await
         .map_err(|_| DialError::Timeout(timeout))?
 }
 
 async fn dial_inner(
     url: &UpstreamUrl,
+    addrs: &UpstreamAddrs,
     tls: &UpstreamTls,
     req: &DialRequest<'_>,
 ) -> Result<UpstreamConn, DialError> {
@@ -208,7 +244,7 @@ async fn dial_inner(
     head.push_str("\r\nX-Session-Epoch: ");
     head.push_str(decimal_str(epoch, &mut [0u8; 20]));
     head.push_str("\r\n\r\n");
-    let mut io = open_and_send(url, tls, head.as_bytes()).await?;
+    let mut io = open_and_send(url, addrs, tls, head.as_bytes()).await?;
 
     let mut buf = BytesMut::with_capacity(1024);
     let head_len = loop {
@@ -279,9 +315,14 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// Active health probe: TCP connect, plus the TLS handshake for wss://.
-pub async fn probe(url: &UpstreamUrl, tls: &UpstreamTls, timeout: Duration) -> bool {
+pub async fn probe(
+    url: &UpstreamUrl,
+    addrs: &UpstreamAddrs,
+    tls: &UpstreamTls,
+    timeout: Duration,
+) -> bool {
     matches!(
-        tokio::time::timeout(timeout, connect_io(url, tls)).await,
+        tokio::time::timeout(timeout, connect_io(url, addrs, tls)).await,
         Ok(Ok(_))
     )
 }
