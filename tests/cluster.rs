@@ -452,7 +452,7 @@ async fn session_keys_are_removed_and_a_dead_nodes_are_collected() {
 /// script, and must remove the same keys.
 #[tokio::test]
 async fn session_keys_are_removed_on_redis_7_too() {
-    let redis = Valkey::start_with(free_port(), &redis_binary(), &[]).await;
+    let redis = Valkey::start_any(&redis_binary(), &[]).await;
     let up = TestUpstream::start().await;
     let nodes = start_cluster(1, &[up.url()], &redis, "").await;
     let mut ws = connect(&url(&nodes[0], "r7")).await;

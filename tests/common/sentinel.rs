@@ -129,9 +129,8 @@ impl SentinelSetup {
     }
 
     pub async fn start_with(bin: PathBuf) -> SentinelSetup {
-        let primary = Valkey::start_with(free_port(), &bin, &[]).await;
-        let replica = Valkey::start_with(
-            free_port(),
+        let primary = Valkey::start_any(&bin, &[]).await;
+        let replica = Valkey::start_any(
             &bin,
             &["--replicaof", "127.0.0.1", &primary.port.to_string()],
         )

@@ -62,8 +62,20 @@ pub struct Valkey {
 }
 
 impl Valkey {
+    /// Starts valkey-server on a free port. A port taken meanwhile by
+    /// another process is replaced by another, up to three times.
     pub async fn start() -> Valkey {
-        Valkey::start_on(free_port()).await
+        Valkey::start_any(&server_binary(), &[]).await
+    }
+
+    /// [`start`](Self::start) for `bin` with extra arguments.
+    pub async fn start_any(bin: &PathBuf, extra: &[&str]) -> Valkey {
+        for _ in 0..3 {
+            if let Some(v) = Valkey::try_start(free_port(), bin, extra).await {
+                return v;
+            }
+        }
+        panic!("no valkey-server would start (three ports tried)");
     }
 
     pub async fn start_on(port: u16) -> Valkey {
@@ -72,6 +84,19 @@ impl Valkey {
 
     /// Starts `bin` on `port` with extra arguments (e.g. `--replicaof`).
     pub async fn start_with(port: u16, bin: &PathBuf, extra: &[&str]) -> Valkey {
+        match Valkey::try_start(port, bin, extra).await {
+            Some(v) => v,
+            None => {
+                panic!("valkey-server did not start on port {port} (taken by another process?)")
+            }
+        }
+    }
+
+    /// Starts `bin` on `port`; `None` when it exits or does not answer
+    /// within 10 s. Ready only once the server answering on the port is
+    /// this process (a port taken by another test's server would otherwise
+    /// answer for it).
+    async fn try_start(port: u16, bin: &PathBuf, extra: &[&str]) -> Option<Valkey> {
         let dir =
             std::env::temp_dir().join(format!("wsbroker-valkey-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("valkey dir");
@@ -93,18 +118,29 @@ impl Valkey {
             .stderr(Stdio::null())
             .spawn()
             .expect("start valkey-server");
-        let v = Valkey {
+        let pid = child.id();
+        let mut v = Valkey {
             child: Some(child),
             port,
             dir,
         };
         let url = v.url();
-        eventually(Duration::from_secs(10), "valkey answers PING", || {
-            let url = url.clone();
-            async move { ping(&url).await }
-        })
-        .await;
-        v
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::time::Instant::now() < deadline {
+            let exited = v
+                .child
+                .as_mut()
+                .is_none_or(|c| c.try_wait().ok().flatten().is_some());
+            if exited {
+                return None;
+            }
+            if server_pid(&url).await == Some(pid) {
+                return Some(v);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        v.kill();
+        None
     }
 
     pub fn url(&self) -> String {
@@ -161,6 +197,20 @@ impl Valkey {
             .await
             .expect("GET")
     }
+}
+
+/// The process id of the server answering at `url`, if one answers.
+async fn server_pid(url: &str) -> Option<u32> {
+    let client = redis::Client::open(url).ok()?;
+    let mut c = client.get_multiplexed_async_connection().await.ok()?;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut c)
+        .await
+        .ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 async fn ping(url: &str) -> bool {
