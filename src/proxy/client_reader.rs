@@ -38,7 +38,8 @@ pub struct Reader {
     pub session: Arc<Session>,
     pub client: u64,
     pub upstream: SharedUpstream,
-    /// Cancelled when the broker closes this client (takeover, fault).
+    /// Fires when the broker closes this client (takeover, fault) or the
+    /// session stops.
     pub kicked: Kick,
 }
 

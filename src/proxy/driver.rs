@@ -42,8 +42,9 @@ const MAX_PENDING_SENDS: usize = 64;
 struct Client {
     id: u64,
     writer: WriteSide,
-    /// Cancelled when the client is replaced or closed by the broker: its
-    /// reader stops forwarding and its writes stop waiting.
+    /// Fires when the client is replaced or closed by the broker, or the
+    /// session stops: its reader stops forwarding and its writes stop
+    /// waiting.
     kicked: Kick,
     /// The client's stream is at a message boundary of the upstream stream
     /// (a client that joins mid-message starts at the next message).

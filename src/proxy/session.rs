@@ -370,7 +370,7 @@ impl Reservation {
     }
 
     /// Turns the reserved place into a client's: the session, and the
-    /// token that fires when the client is kicked. Under `takeover`, every
+    /// kick that fires when the client must leave. Under `takeover`, every
     /// client attached before is kicked now. The caller attaches the client
     /// (the place stays counted as pending until the driver does).
     fn take_place(&mut self) -> Option<(Arc<Session>, Kick)> {

@@ -2,9 +2,12 @@
 //! most once per [`REFRESH`] and kept per upstream, so a new session does
 //! not wait on the system resolver (a blocking-pool round trip, and a DNS
 //! query where nothing caches). The address that last worked is tried
-//! first; a connect that fails on every address forgets them, so the next
+//! first, also after a refresh that still lists it; when a refresh fails,
+//! the addresses kept are used until it succeeds (as Envoy keeps its last
+//! hosts). A connect that fails on every address forgets them, so the next
 //! session resolves again. Upstreams given by IP address never resolve.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -31,16 +34,34 @@ impl UpstreamAddrs {
     /// The addresses of `host:port`, best first: kept ones while fresh,
     /// else resolved now.
     pub async fn get(&self, host: &str, port: u16) -> io::Result<Arc<[SocketAddr]>> {
-        if let Some(addrs) = self.fresh() {
-            return Ok(addrs);
+        self.get_or(async { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
+            .await
+    }
+
+    /// [`get`](Self::get), with `resolve` polled only when the kept
+    /// addresses are missing or stale.
+    async fn get_or(
+        &self,
+        resolve: impl Future<Output = io::Result<Vec<SocketAddr>>>,
+    ) -> io::Result<Arc<[SocketAddr]>> {
+        let kept = match self.kept() {
+            Some((addrs, true)) => return Ok(addrs),
+            Some((addrs, false)) => Some(addrs),
+            None => None,
+        };
+        let resolved = match resolve.await {
+            Ok(found) => found,
+            Err(e) => return kept.ok_or(e),
+        };
+        if resolved.is_empty() {
+            return kept.ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "the upstream's name has no address",
+                )
+            });
         }
-        let addrs: Arc<[SocketAddr]> = tokio::net::lookup_host((host, port)).await?.collect();
-        if addrs.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                "the upstream's name has no address",
-            ));
-        }
+        let addrs = best_first(resolved, kept.as_ref().and_then(|k| k.first()));
         *self.lock() = Some(Cached {
             at: Instant::now(),
             addrs: addrs.clone(),
@@ -53,10 +74,7 @@ impl UpstreamAddrs {
         let mut cached = self.lock();
         if let Some(c) = cached.as_mut() {
             if c.addrs.first() != Some(&addr) && c.addrs.contains(&addr) {
-                let mut reordered = Vec::with_capacity(c.addrs.len());
-                reordered.push(addr);
-                reordered.extend(c.addrs.iter().copied().filter(|a| *a != addr));
-                c.addrs = reordered.into();
+                c.addrs = best_first(c.addrs.to_vec(), Some(&addr));
             }
         }
     }
@@ -66,10 +84,11 @@ impl UpstreamAddrs {
         *self.lock() = None;
     }
 
-    fn fresh(&self) -> Option<Arc<[SocketAddr]>> {
+    /// The addresses kept, and whether they are fresh.
+    fn kept(&self) -> Option<(Arc<[SocketAddr]>, bool)> {
         let cached = self.lock();
         let c = cached.as_ref()?;
-        (c.at.elapsed() < REFRESH).then(|| c.addrs.clone())
+        Some((c.addrs.clone(), c.at.elapsed() < REFRESH))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Cached>> {
@@ -79,9 +98,27 @@ impl UpstreamAddrs {
     }
 }
 
+/// `addrs` with `best` first when it is among them, the rest in order.
+fn best_first(mut addrs: Vec<SocketAddr>, best: Option<&SocketAddr>) -> Arc<[SocketAddr]> {
+    if let Some(i) = best.and_then(|b| addrs.iter().position(|a| a == b)) {
+        addrs[..=i].rotate_right(1);
+    }
+    addrs.into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A resolver that must not be asked.
+    async fn never() -> io::Result<Vec<SocketAddr>> {
+        panic!("kept addresses were fresh: nothing to resolve")
+    }
+
+    /// A resolver that is down.
+    async fn failing() -> io::Result<Vec<SocketAddr>> {
+        Err(io::Error::other("resolver down"))
+    }
 
     #[tokio::test]
     async fn a_name_is_resolved_once_per_refresh_and_again_once_forgotten() {
@@ -109,16 +146,48 @@ mod tests {
             addrs: vec![b, a].into(),
         });
         addrs.worked(a);
-        assert_eq!(
-            addrs.get("unused.invalid", 9).await.expect("kept")[..],
-            [a, b]
-        );
+        assert_eq!(addrs.get_or(never()).await.expect("kept")[..], [a, b]);
         let stranger: SocketAddr = "127.0.0.2:9".parse().expect("literal");
         addrs.worked(stranger);
-        assert_eq!(
-            addrs.get("unused.invalid", 9).await.expect("kept")[..],
-            [a, b]
-        );
+        assert_eq!(addrs.get_or(never()).await.expect("kept")[..], [a, b]);
+    }
+
+    #[test]
+    fn the_best_address_moves_first_and_the_rest_keep_their_order() {
+        let a: SocketAddr = "127.0.0.1:1".parse().expect("literal");
+        let b: SocketAddr = "127.0.0.2:1".parse().expect("literal");
+        let c: SocketAddr = "127.0.0.3:1".parse().expect("literal");
+        assert_eq!(best_first(vec![a, b, c], Some(&c))[..], [c, a, b]);
+        assert_eq!(best_first(vec![a, b, c], Some(&a))[..], [a, b, c]);
+        let stranger: SocketAddr = "127.0.0.4:1".parse().expect("literal");
+        assert_eq!(best_first(vec![a, b], Some(&stranger))[..], [a, b]);
+        assert_eq!(best_first(vec![a, b], None)[..], [a, b]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_refresh_keeps_the_stale_addresses() {
+        let addrs = UpstreamAddrs::default();
+        let stale: SocketAddr = "127.0.0.2:9".parse().expect("literal");
+        // The monotonic clock starts at boot: long past by now.
+        let past = Instant::now().checked_sub(REFRESH + Duration::from_millis(1));
+        *addrs.lock() = Some(Cached {
+            at: past.expect("the machine has been up longer than the refresh"),
+            addrs: vec![stale].into(),
+        });
+        let got = addrs.get_or(failing()).await.expect("stale kept");
+        assert_eq!(got[..], [stale]);
+        addrs.forget();
+        assert!(addrs.get_or(failing()).await.is_err());
+        let fresh: SocketAddr = "127.0.0.3:9".parse().expect("literal");
+        let got = addrs.get_or(async move { Ok(vec![fresh]) }).await;
+        assert_eq!(got.expect("resolved")[..], [fresh]);
+        // Refreshed, the address in use stays first.
+        let other: SocketAddr = "127.0.0.4:9".parse().expect("literal");
+        if let Some(c) = addrs.lock().as_mut() {
+            c.at = past.expect("as above");
+        }
+        let got = addrs.get_or(async move { Ok(vec![other, fresh]) }).await;
+        assert_eq!(got.expect("resolved")[..], [fresh, other]);
     }
 
     #[tokio::test]
