@@ -274,7 +274,7 @@ async fn an_unreachable_live_owner_gets_503_and_no_second_owner() {
     let nodes = start_cluster(2, &[up.url()], &valkey, "[node]\ndrain_timeout = \"1s\"\n").await;
     let mut ws = connect(&url(&nodes[0], "un")).await;
     echo(&mut ws, "x").await;
-    nodes[0].signal("STOP");
+    nodes[0].freeze().await;
     // Still registered for up to stale_ttl: n2 forwards, n1 does not answer.
     let status = upgrade_status(&url(&nodes[1], "un"), &[]).await;
     nodes[0].signal("CONT");
@@ -289,7 +289,7 @@ async fn a_frozen_owner_closes_its_copy_with_4003_after_takeover() {
     let nodes = start_cluster(2, &[up.url()], &valkey, "").await;
     let mut old = connect(&url(&nodes[0], "fz")).await;
     echo(&mut old, "x").await;
-    nodes[0].signal("STOP");
+    nodes[0].freeze().await;
     // Past stale_ttl the session is n2's to take.
     let target = url(&nodes[1], "fz");
     let mut fresh = None;

@@ -518,7 +518,12 @@ impl BrokerProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_wsbroker"))
             .args(["run", "--config"])
             .arg(&path)
-            .env("RUST_LOG", "warn")
+            // `WSBROKER_TEST_LOG` (e.g. `info,wsbroker::proxy=debug`)
+            // shows more of the nodes' logs when a test needs looking into.
+            .env(
+                "RUST_LOG",
+                std::env::var("WSBROKER_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -534,6 +539,37 @@ impl BrokerProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGSTOP, returning once every thread of the process has stopped.
+    /// The kernel stops a process's threads one after another (the thread
+    /// that takes the signal stops the others), so on a loaded machine a
+    /// thread already running can still serve a request for a few
+    /// milliseconds after `kill` returns.
+    pub async fn freeze(&self) {
+        self.signal("STOP");
+        eventually(
+            Duration::from_secs(5),
+            "every thread of the node stopped",
+            || async { self.all_threads_stopped() },
+        )
+        .await;
+    }
+
+    fn all_threads_stopped(&self) -> bool {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return false;
+        };
+        tasks.flatten().all(|task| {
+            // The state follows the command name, which is in parentheses.
+            std::fs::read_to_string(task.path().join("stat"))
+                .ok()
+                .and_then(|stat| {
+                    let (_, rest) = stat.rsplit_once(") ")?;
+                    Some(rest.starts_with('T') || rest.starts_with('t'))
+                })
+                .unwrap_or(false)
+        })
     }
 
     pub fn signal(&self, sig: &str) {
