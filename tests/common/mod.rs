@@ -483,11 +483,14 @@ impl BrokerProcess {
                     break;
                 }
                 // The answer must come from this child, not from a process
-                // that holds the port it failed to bind.
+                // that holds the port it failed to bind (it then exits, and
+                // is started again above).
                 if matches!(
                     http(p.public, "GET", "/live", &[], b"").await,
                     Some((200, _, _))
                 ) && p.child.try_wait().expect("try_wait").is_none()
+                    && listens_on(p.pid(), p.public.port())
+                    && listens_on(p.pid(), p.admin.port())
                 {
                     return p;
                 }
@@ -605,6 +608,32 @@ impl BrokerProcess {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// Whether process `pid` holds a socket listening on 127.0.0.1:`port`
+/// (from `/proc/net/tcp` and the process's descriptors).
+fn listens_on(pid: u32, port: u16) -> bool {
+    let local = format!("0100007F:{port:04X}");
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // Columns: sl, local, remote, state (0A = LISTEN), ..., inode.
+            (cols.get(1) == Some(&local.as_str()) && cols.get(3) == Some(&"0A"))
+                .then(|| cols.get(9).map(|i| format!("socket:[{i}]")))
+                .flatten()
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .map(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+            .unwrap_or(false)
+    })
 }
 
 impl Drop for BrokerProcess {
