@@ -506,7 +506,7 @@ impl Driver {
         let mut failed = Vec::new();
         for c in self.clients.iter_mut().filter(|c| all || c.synced) {
             let mut write = pin!(c.writer.write_all(bytes));
-            // Most writes complete at once: no timer or token for those.
+            // Most writes complete at once: no timer or kick waiter for those.
             let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
             let ok = match first {
                 Poll::Ready(r) => r.is_ok(),
