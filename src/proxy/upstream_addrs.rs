@@ -4,12 +4,15 @@
 //! query where nothing caches). The address that last worked is tried
 //! first, also after a refresh that still lists it; when a refresh fails,
 //! the addresses kept are used until it succeeds (as Envoy keeps its last
-//! hosts). A connect that fails on every address forgets them, so the next
-//! session resolves again. Upstreams given by IP address never resolve.
+//! hosts). Once addresses are stale, one session resolves the name again
+//! while the others go on with them. A connect that fails on every address
+//! forgets them, so the next session resolves again. Upstreams given by IP
+//! address never resolve.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +24,18 @@ pub const REFRESH: Duration = Duration::from_secs(5);
 #[derive(Debug, Default)]
 pub struct UpstreamAddrs {
     cached: Mutex<Option<Cached>>,
+    /// A session is resolving stale addresses again.
+    refreshing: AtomicBool,
+}
+
+/// Clears the refresh mark however the refresh ends (a dial that times out
+/// drops it half-way).
+struct Refreshing<'a>(&'a AtomicBool);
+
+impl Drop for Refreshing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 #[derive(Debug)]
@@ -31,8 +46,8 @@ struct Cached {
 }
 
 impl UpstreamAddrs {
-    /// The addresses of `host:port`, best first: kept ones while fresh,
-    /// else resolved now.
+    /// The addresses of `host:port`, best first: kept ones while fresh (or
+    /// while another session refreshes them), else resolved now.
     pub async fn get(&self, host: &str, port: u16) -> io::Result<Arc<[SocketAddr]>> {
         self.get_or(async { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
             .await
@@ -46,9 +61,15 @@ impl UpstreamAddrs {
     ) -> io::Result<Arc<[SocketAddr]>> {
         let kept = match self.kept() {
             Some((addrs, true)) => return Ok(addrs),
-            Some((addrs, false)) => Some(addrs),
+            Some((addrs, false)) => {
+                if self.refreshing.swap(true, Ordering::AcqRel) {
+                    return Ok(addrs);
+                }
+                Some(addrs)
+            }
             None => None,
         };
+        let _refresh = kept.is_some().then_some(Refreshing(&self.refreshing));
         let resolved = match resolve.await {
             Ok(found) => found,
             Err(e) => return kept.ok_or(e),
@@ -188,6 +209,53 @@ mod tests {
         }
         let got = addrs.get_or(async move { Ok(vec![other, fresh]) }).await;
         assert_eq!(got.expect("resolved")[..], [fresh, other]);
+    }
+
+    #[tokio::test]
+    async fn one_session_refreshes_stale_addresses_while_the_others_use_them() {
+        let addrs = UpstreamAddrs::default();
+        let stale: SocketAddr = "127.0.0.2:9".parse().expect("literal");
+        let fresh: SocketAddr = "127.0.0.3:9".parse().expect("literal");
+        // The monotonic clock starts at boot: long past by now.
+        let past = Instant::now().checked_sub(REFRESH + Duration::from_millis(1));
+        *addrs.lock() = Some(Cached {
+            at: past.expect("the machine has been up longer than the refresh"),
+            addrs: vec![stale].into(),
+        });
+        let (answer, answered) = tokio::sync::oneshot::channel::<()>();
+        let refresh = addrs.get_or(async move {
+            let _ = answered.await;
+            Ok(vec![fresh])
+        });
+        tokio::pin!(refresh);
+        // Polled once: it is now waiting on the resolver.
+        let waiting = tokio::time::timeout(Duration::from_millis(20), &mut refresh).await;
+        assert!(waiting.is_err(), "the refresh waits for its resolver");
+        let meanwhile = addrs.get_or(never()).await.expect("the stale addresses");
+        assert_eq!(meanwhile[..], [stale]);
+        let _ = answer.send(());
+        assert_eq!(refresh.await.expect("refreshed")[..], [fresh]);
+        assert!(!addrs.refreshing.load(Ordering::Acquire), "mark cleared");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_refresh_lets_the_next_session_refresh() {
+        let addrs = UpstreamAddrs::default();
+        let stale: SocketAddr = "127.0.0.2:9".parse().expect("literal");
+        let fresh: SocketAddr = "127.0.0.3:9".parse().expect("literal");
+        let past = Instant::now().checked_sub(REFRESH + Duration::from_millis(1));
+        *addrs.lock() = Some(Cached {
+            at: past.expect("the machine has been up longer than the refresh"),
+            addrs: vec![stale].into(),
+        });
+        let hung = tokio::time::timeout(
+            Duration::from_millis(20),
+            addrs.get_or(std::future::pending()),
+        )
+        .await;
+        assert!(hung.is_err(), "the refresh was still waiting");
+        let got = addrs.get_or(async move { Ok(vec![fresh]) }).await;
+        assert_eq!(got.expect("refreshed")[..], [fresh]);
     }
 
     #[tokio::test]
