@@ -40,7 +40,8 @@ impl ConnLimit {
     }
 
     /// Places taken now.
-    pub fn taken(&self) -> usize {
+    #[cfg(test)]
+    fn taken(&self) -> usize {
         self.0.taken.load(Ordering::Acquire)
     }
 }

@@ -141,6 +141,24 @@ mod tests {
         Err(io::Error::other("resolver down"))
     }
 
+    /// A moment one refresh period ago, or longer.
+    fn stale_time() -> Instant {
+        // The monotonic clock starts at boot: long past by now.
+        Instant::now()
+            .checked_sub(REFRESH + Duration::from_millis(1))
+            .expect("the machine has been up longer than the refresh")
+    }
+
+    /// A cache holding `list`, resolved `at`.
+    fn kept_since(at: Instant, list: Vec<SocketAddr>) -> UpstreamAddrs {
+        let addrs = UpstreamAddrs::default();
+        *addrs.lock() = Some(Cached {
+            at,
+            addrs: list.into(),
+        });
+        addrs
+    }
+
     #[tokio::test]
     async fn a_name_is_resolved_once_per_refresh_and_again_once_forgotten() {
         let addrs = UpstreamAddrs::default();
@@ -159,13 +177,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_address_that_worked_goes_first() {
-        let addrs = UpstreamAddrs::default();
         let a: SocketAddr = "127.0.0.1:9".parse().expect("literal");
         let b: SocketAddr = "[::1]:9".parse().expect("literal");
-        *addrs.lock() = Some(Cached {
-            at: Instant::now(),
-            addrs: vec![b, a].into(),
-        });
+        let addrs = kept_since(Instant::now(), vec![b, a]);
         addrs.worked(a);
         assert_eq!(addrs.get_or(never()).await.expect("kept")[..], [a, b]);
         let stranger: SocketAddr = "127.0.0.2:9".parse().expect("literal");
@@ -187,14 +201,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_refresh_keeps_the_stale_addresses() {
-        let addrs = UpstreamAddrs::default();
         let stale: SocketAddr = "127.0.0.2:9".parse().expect("literal");
-        // The monotonic clock starts at boot: long past by now.
-        let past = Instant::now().checked_sub(REFRESH + Duration::from_millis(1));
-        *addrs.lock() = Some(Cached {
-            at: past.expect("the machine has been up longer than the refresh"),
-            addrs: vec![stale].into(),
-        });
+        let addrs = kept_since(stale_time(), vec![stale]);
         let got = addrs.get_or(failing()).await.expect("stale kept");
         assert_eq!(got[..], [stale]);
         addrs.forget();
@@ -205,7 +213,7 @@ mod tests {
         // Refreshed, the address in use stays first.
         let other: SocketAddr = "127.0.0.4:9".parse().expect("literal");
         if let Some(c) = addrs.lock().as_mut() {
-            c.at = past.expect("as above");
+            c.at = stale_time();
         }
         let got = addrs.get_or(async move { Ok(vec![other, fresh]) }).await;
         assert_eq!(got.expect("resolved")[..], [fresh, other]);
@@ -213,15 +221,9 @@ mod tests {
 
     #[tokio::test]
     async fn one_session_refreshes_stale_addresses_while_the_others_use_them() {
-        let addrs = UpstreamAddrs::default();
         let stale: SocketAddr = "127.0.0.2:9".parse().expect("literal");
         let fresh: SocketAddr = "127.0.0.3:9".parse().expect("literal");
-        // The monotonic clock starts at boot: long past by now.
-        let past = Instant::now().checked_sub(REFRESH + Duration::from_millis(1));
-        *addrs.lock() = Some(Cached {
-            at: past.expect("the machine has been up longer than the refresh"),
-            addrs: vec![stale].into(),
-        });
+        let addrs = kept_since(stale_time(), vec![stale]);
         let (answer, answered) = tokio::sync::oneshot::channel::<()>();
         let refresh = addrs.get_or(async move {
             let _ = answered.await;
@@ -240,14 +242,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_refresh_lets_the_next_session_refresh() {
-        let addrs = UpstreamAddrs::default();
         let stale: SocketAddr = "127.0.0.2:9".parse().expect("literal");
         let fresh: SocketAddr = "127.0.0.3:9".parse().expect("literal");
-        let past = Instant::now().checked_sub(REFRESH + Duration::from_millis(1));
-        *addrs.lock() = Some(Cached {
-            at: past.expect("the machine has been up longer than the refresh"),
-            addrs: vec![stale].into(),
-        });
+        let addrs = kept_since(stale_time(), vec![stale]);
         let hung = tokio::time::timeout(
             Duration::from_millis(20),
             addrs.get_or(std::future::pending()),
@@ -260,14 +257,8 @@ mod tests {
 
     #[tokio::test]
     async fn kept_addresses_expire_after_the_refresh() {
-        let addrs = UpstreamAddrs::default();
         let stale: SocketAddr = "127.0.0.2:9".parse().expect("literal");
-        // The monotonic clock starts at boot: long past by now.
-        let past = Instant::now().checked_sub(REFRESH + Duration::from_millis(1));
-        *addrs.lock() = Some(Cached {
-            at: past.expect("the machine has been up longer than the refresh"),
-            addrs: vec![stale].into(),
-        });
+        let addrs = kept_since(stale_time(), vec![stale]);
         let got = addrs.get("localhost", 9).await.expect("localhost resolves");
         assert!(!got.contains(&stale), "a stale entry is resolved anew");
     }

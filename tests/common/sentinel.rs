@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 
 use super::eventually;
 use super::free_port;
-use super::valkey::{server_binary, Valkey};
+use super::valkey::{exited, server_binary, Valkey};
 
 pub const MASTER: &str = "mymaster";
 pub const DOWN_AFTER_MS: u64 = 1000;
@@ -75,11 +75,7 @@ impl Sentinel {
             let mut s = Sentinel::start(free_port(), primary_port, bin);
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             while tokio::time::Instant::now() < deadline {
-                let exited = s
-                    .child
-                    .as_mut()
-                    .is_none_or(|c| c.try_wait().ok().flatten().is_some());
-                if exited {
+                if exited(&mut s.child) {
                     break;
                 }
                 let pong: Option<String> = query(&s.addr(), &redis::cmd("PING")).await;

@@ -127,11 +127,7 @@ impl Valkey {
         let url = v.url();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while tokio::time::Instant::now() < deadline {
-            let exited = v
-                .child
-                .as_mut()
-                .is_none_or(|c| c.try_wait().ok().flatten().is_some());
-            if exited {
+            if exited(&mut v.child) {
                 return None;
             }
             if server_pid(&url).await == Some(pid) {
@@ -197,6 +193,13 @@ impl Valkey {
             .await
             .expect("GET")
     }
+}
+
+/// Whether a started server process is gone (or was never kept).
+pub fn exited(child: &mut Option<Child>) -> bool {
+    child
+        .as_mut()
+        .is_none_or(|c| c.try_wait().ok().flatten().is_some())
 }
 
 /// The process id of the server answering at `url`, if one answers.
