@@ -232,6 +232,33 @@ async fn forged_and_replayed_hops_get_403() {
 }
 
 #[tokio::test]
+async fn a_session_released_by_a_dead_nodes_collection_counts_as_a_migration() {
+    let valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let mut nodes = start_cluster(2, &[up.url()], &valkey, "").await;
+    let mut ws = connect(&url(&nodes[0], "rl")).await;
+    echo(&mut ws, "x").await;
+    let _ = nodes[0].child.kill(); // SIGKILL
+                                   // n2 collects the dead node's sessions: released, no owner.
+    eventually(
+        Duration::from_secs(5),
+        "the dead node's session is released",
+        || async {
+            valkey
+                .get("wsb:session:rl")
+                .await
+                .is_some_and(|v| v.starts_with('|'))
+        },
+    )
+    .await;
+    let (mut back, _) = connect_with(&url(&nodes[1], "rl"), &[])
+        .await
+        .expect("taken up by n2");
+    echo(&mut back, "on n2").await;
+    assert_eq!(metric(&nodes[1], "wsbroker_migrations_total").await, 1.0);
+}
+
+#[tokio::test]
 async fn a_dead_owners_session_is_taken_over_on_its_previous_upstream() {
     let valkey = Valkey::start().await;
     let ups = [TestUpstream::start().await, TestUpstream::start().await];

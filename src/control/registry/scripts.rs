@@ -13,6 +13,9 @@
 /// session id, allow takeover ("1"/"0"), the upstream this node would
 /// open (recorded when the session has none yet), "1" when the session id
 /// was added to my set speculatively.
+/// A session found in the registry but owned by no live node — its owner
+/// gone, or the session released by a dead node's collection or a drain —
+/// is a takeover: it moves here from another node.
 /// Returns {verdict, epoch, upstream, detail}: verdict is new | takeover |
 /// mine | owned (detail = owner's node record) | wait (owner not live, but
 /// takeovers are on hold).
@@ -38,7 +41,7 @@ epoch = epoch + 1
 if up == '' then up = ARGV[5] end
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. epoch .. '|' .. up)
 redis.call('SADD', KEYS[2], ARGV[3])
-if owner ~= '' then
+if v then
   return {'takeover', epoch, up, owner}
 end
 return {'new', epoch, up, ''}
