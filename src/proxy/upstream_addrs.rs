@@ -106,6 +106,17 @@ impl UpstreamAddrs {
     }
 
     /// The addresses kept, and whether they are fresh.
+    /// Addresses kept as if just resolved, for tests of the dial.
+    #[cfg(test)]
+    pub fn resolved(list: Vec<SocketAddr>) -> UpstreamAddrs {
+        let addrs = UpstreamAddrs::default();
+        *addrs.lock() = Some(Cached {
+            at: Instant::now(),
+            addrs: list.into(),
+        });
+        addrs
+    }
+
     fn kept(&self) -> Option<(Arc<[SocketAddr]>, bool)> {
         let cached = self.lock();
         let c = cached.as_ref()?;

@@ -95,10 +95,14 @@ pub struct UpstreamConn {
 }
 
 /// Connects with `connect` to the upstream's address, or to each of its
-/// name's addresses in turn until one answers.
+/// name's addresses in turn until one answers. Every address but the last
+/// gets an equal share of `budget` (the dial's time), so one that drops
+/// packets silently is passed over in time instead of using it all; the
+/// last runs until the dial's own timeout.
 async fn connect_each<T, F, Fut>(
     url: &UpstreamUrl,
     addrs: &UpstreamAddrs,
+    budget: Duration,
     connect: F,
 ) -> io::Result<T>
 where
@@ -109,9 +113,23 @@ where
         return connect(addr).await;
     }
     let list = addrs.get(&url.host, url.port).await?;
+    let share = budget / u32::try_from(list.len()).unwrap_or(u32::MAX).max(1);
     let mut last = None;
-    for &addr in list.iter() {
-        match connect(addr).await {
+    for (i, &addr) in list.iter().enumerate() {
+        let attempt = connect(addr);
+        let result = if i + 1 < list.len() {
+            tokio::time::timeout(share, attempt)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no answer within this address's share of connect_timeout",
+                    ))
+                })
+        } else {
+            attempt.await
+        };
+        match result {
             Ok(conn) => {
                 addrs.worked(addr);
                 return Ok(conn);
@@ -127,8 +145,9 @@ async fn connect_io(
     url: &UpstreamUrl,
     addrs: &UpstreamAddrs,
     tls: &UpstreamTls,
+    budget: Duration,
 ) -> Result<UpstreamIo, DialError> {
-    let tcp = connect_each(url, addrs, TcpStream::connect)
+    let tcp = connect_each(url, addrs, budget, TcpStream::connect)
         .await
         .map_err(DialError::Connect)?;
     let _ = tcp.set_nodelay(true);
@@ -150,15 +169,16 @@ async fn open_and_send(
     addrs: &UpstreamAddrs,
     tls: &UpstreamTls,
     head: &[u8],
+    budget: Duration,
 ) -> Result<UpstreamIo, DialError> {
     #[cfg(target_os = "linux")]
     if !url.tls {
-        let tcp = connect_each(url, addrs, |addr| connect_and_send(addr, head))
+        let tcp = connect_each(url, addrs, budget, |addr| connect_and_send(addr, head))
             .await
             .map_err(DialError::Connect)?;
         return Ok(MaybeTls::Plain(tcp));
     }
-    let mut io = connect_io(url, addrs, tls).await?;
+    let mut io = connect_io(url, addrs, tls, budget).await?;
     io.write_all(head).await.map_err(DialError::Connect)?;
     Ok(io)
 }
@@ -207,7 +227,7 @@ pub async fn dial(
     timeout: Duration,
     req: &DialRequest<'_>,
 ) -> Result<UpstreamConn, DialError> {
-    tokio::time::timeout(timeout, dial_inner(url, addrs, tls, req))
+    tokio::time::timeout(timeout, dial_inner(url, addrs, tls, req, timeout))
         .await
         .map_err(|_| DialError::Timeout(timeout))?
 }
@@ -217,6 +237,7 @@ async fn dial_inner(
     addrs: &UpstreamAddrs,
     tls: &UpstreamTls,
     req: &DialRequest<'_>,
+    budget: Duration,
 ) -> Result<UpstreamConn, DialError> {
     let key = req.key;
     let (sid, epoch) = req.session;
@@ -244,7 +265,7 @@ async fn dial_inner(
     head.push_str("\r\nX-Session-Epoch: ");
     head.push_str(decimal_str(epoch, &mut [0u8; 20]));
     head.push_str("\r\n\r\n");
-    let mut io = open_and_send(url, addrs, tls, head.as_bytes()).await?;
+    let mut io = open_and_send(url, addrs, tls, head.as_bytes(), budget).await?;
 
     let mut buf = BytesMut::with_capacity(1024);
     let head_len = loop {
@@ -322,7 +343,7 @@ pub async fn probe(
     timeout: Duration,
 ) -> bool {
     matches!(
-        tokio::time::timeout(timeout, connect_io(url, addrs, tls)).await,
+        tokio::time::timeout(timeout, connect_io(url, addrs, tls, timeout)).await,
         Ok(Ok(_))
     )
 }
@@ -344,5 +365,56 @@ mod tests {
         assert!(!DialError::Refused { status: 403 }.is_upstream_fault());
         assert!(DialError::Refused { status: 503 }.is_upstream_fault());
         assert!(DialError::Timeout(Duration::from_secs(1)).is_upstream_fault());
+    }
+
+    /// A listener whose accept queue is full, so further connects get no
+    /// answer (Linux drops their SYNs): an address that drops packets. The
+    /// connections that fill it are returned to be held.
+    fn silent_address() -> (socket2::Socket, Vec<std::net::TcpStream>, SocketAddr) {
+        use socket2::{Domain, Socket, Type};
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("literal");
+        listener.bind(&any.into()).expect("bind");
+        listener.listen(0).expect("listen");
+        let addr = listener
+            .local_addr()
+            .expect("local address")
+            .as_socket()
+            .expect("an IP address");
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(c) => held.push(c),
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => return (listener, held, addr),
+                Err(e) => panic!("filling the accept queue: {e}"),
+            }
+        }
+        panic!("the accept queue never filled");
+    }
+
+    #[tokio::test]
+    async fn an_address_that_never_answers_is_passed_over_within_the_connect_timeout() {
+        let (_silent, _held, silent) = silent_address();
+        let live = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let live_addr = live.local_addr().expect("local address");
+        let url = UpstreamUrl::parse("ws://upstream.test:9").expect("url");
+        let addrs = UpstreamAddrs::resolved(vec![silent, live_addr]);
+        let budget = Duration::from_secs(2);
+        let started = std::time::Instant::now();
+        let conn = tokio::time::timeout(
+            Duration::from_secs(10),
+            connect_each(&url, &addrs, budget, TcpStream::connect),
+        )
+        .await
+        .expect("the silent address held the dial past its share")
+        .expect("the second address answers");
+        assert_eq!(conn.peer_addr().expect("peer"), live_addr);
+        assert!(
+            started.elapsed() < budget,
+            "took {:?}, more than the connect timeout",
+            started.elapsed()
+        );
+        let kept = addrs.get("upstream.test", 9).await.expect("kept");
+        assert_eq!(kept[0], live_addr, "the address that answered goes first");
     }
 }
