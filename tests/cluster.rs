@@ -238,8 +238,8 @@ async fn a_session_released_by_a_dead_nodes_collection_counts_as_a_migration() {
     let mut nodes = start_cluster(2, &[up.url()], &valkey, "").await;
     let mut ws = connect(&url(&nodes[0], "rl")).await;
     echo(&mut ws, "x").await;
-    let _ = nodes[0].child.kill(); // SIGKILL
-                                   // n2 collects the dead node's sessions: released, no owner.
+    // SIGKILL; n2 then collects the dead node's sessions: released, no owner.
+    let _ = nodes[0].child.kill();
     eventually(
         Duration::from_secs(5),
         "the dead node's session is released",

@@ -19,11 +19,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-use super::conn_slot::ConnLimit;
 use tokio_util::sync::CancellationToken;
 
 use super::client_reader::ReaderStart;
+use super::conn_slot::ConnLimit;
 use super::handshake::{self, After, Answer, Body, ConnInfo};
 use super::io::{ClientConn, MaybeTls, Prefixed, PublicStream};
 use crate::broker::Broker;

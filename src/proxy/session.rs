@@ -14,9 +14,8 @@ use dashmap::DashMap;
 use serde::Serialize;
 use tokio::sync::{oneshot, Notify, Semaphore};
 
-use super::kick::{Kick, Signal};
-
 use super::io::ClientConn;
+use super::kick::{Kick, Signal};
 use crate::clock;
 use crate::config::AttachMode;
 

@@ -105,18 +105,18 @@ impl UpstreamAddrs {
         *self.lock() = None;
     }
 
-    /// The addresses kept, and whether they are fresh.
-    /// Addresses kept as if just resolved, for tests of the dial.
+    /// A cache holding `list`, resolved `at` (for tests).
     #[cfg(test)]
-    pub fn resolved(list: Vec<SocketAddr>) -> UpstreamAddrs {
+    pub fn kept_since(at: Instant, list: Vec<SocketAddr>) -> UpstreamAddrs {
         let addrs = UpstreamAddrs::default();
         *addrs.lock() = Some(Cached {
-            at: Instant::now(),
+            at,
             addrs: list.into(),
         });
         addrs
     }
 
+    /// The addresses kept, and whether they are fresh.
     fn kept(&self) -> Option<(Arc<[SocketAddr]>, bool)> {
         let cached = self.lock();
         let c = cached.as_ref()?;
@@ -160,16 +160,6 @@ mod tests {
             .expect("the machine has been up longer than the refresh")
     }
 
-    /// A cache holding `list`, resolved `at`.
-    fn kept_since(at: Instant, list: Vec<SocketAddr>) -> UpstreamAddrs {
-        let addrs = UpstreamAddrs::default();
-        *addrs.lock() = Some(Cached {
-            at,
-            addrs: list.into(),
-        });
-        addrs
-    }
-
     #[tokio::test]
     async fn a_name_is_resolved_once_per_refresh_and_again_once_forgotten() {
         let addrs = UpstreamAddrs::default();
@@ -190,7 +180,7 @@ mod tests {
     async fn the_address_that_worked_goes_first() {
         let a: SocketAddr = "127.0.0.1:9".parse().expect("literal");
         let b: SocketAddr = "[::1]:9".parse().expect("literal");
-        let addrs = kept_since(Instant::now(), vec![b, a]);
+        let addrs = UpstreamAddrs::kept_since(Instant::now(), vec![b, a]);
         addrs.worked(a);
         assert_eq!(addrs.get_or(never()).await.expect("kept")[..], [a, b]);
         let stranger: SocketAddr = "127.0.0.2:9".parse().expect("literal");
@@ -213,7 +203,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_refresh_keeps_the_stale_addresses() {
         let stale: SocketAddr = "127.0.0.2:9".parse().expect("literal");
-        let addrs = kept_since(stale_time(), vec![stale]);
+        let addrs = UpstreamAddrs::kept_since(stale_time(), vec![stale]);
         let got = addrs.get_or(failing()).await.expect("stale kept");
         assert_eq!(got[..], [stale]);
         addrs.forget();
@@ -234,7 +224,7 @@ mod tests {
     async fn one_session_refreshes_stale_addresses_while_the_others_use_them() {
         let stale: SocketAddr = "127.0.0.2:9".parse().expect("literal");
         let fresh: SocketAddr = "127.0.0.3:9".parse().expect("literal");
-        let addrs = kept_since(stale_time(), vec![stale]);
+        let addrs = UpstreamAddrs::kept_since(stale_time(), vec![stale]);
         let (answer, answered) = tokio::sync::oneshot::channel::<()>();
         let refresh = addrs.get_or(async move {
             let _ = answered.await;
@@ -255,7 +245,7 @@ mod tests {
     async fn a_dropped_refresh_lets_the_next_session_refresh() {
         let stale: SocketAddr = "127.0.0.2:9".parse().expect("literal");
         let fresh: SocketAddr = "127.0.0.3:9".parse().expect("literal");
-        let addrs = kept_since(stale_time(), vec![stale]);
+        let addrs = UpstreamAddrs::kept_since(stale_time(), vec![stale]);
         let hung = tokio::time::timeout(
             Duration::from_millis(20),
             addrs.get_or(std::future::pending()),
@@ -269,7 +259,7 @@ mod tests {
     #[tokio::test]
     async fn kept_addresses_expire_after_the_refresh() {
         let stale: SocketAddr = "127.0.0.2:9".parse().expect("literal");
-        let addrs = kept_since(stale_time(), vec![stale]);
+        let addrs = UpstreamAddrs::kept_since(stale_time(), vec![stale]);
         let got = addrs.get("localhost", 9).await.expect("localhost resolves");
         assert!(!got.contains(&stale), "a stale entry is resolved anew");
     }

@@ -398,7 +398,7 @@ mod tests {
         let live = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let live_addr = live.local_addr().expect("local address");
         let url = UpstreamUrl::parse("ws://upstream.test:9").expect("url");
-        let addrs = UpstreamAddrs::resolved(vec![silent, live_addr]);
+        let addrs = UpstreamAddrs::kept_since(std::time::Instant::now(), vec![silent, live_addr]);
         let budget = Duration::from_secs(2);
         let started = std::time::Instant::now();
         let conn = tokio::time::timeout(

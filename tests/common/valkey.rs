@@ -84,12 +84,11 @@ impl Valkey {
 
     /// Starts `bin` on `port` with extra arguments (e.g. `--replicaof`).
     pub async fn start_with(port: u16, bin: &PathBuf, extra: &[&str]) -> Valkey {
-        match Valkey::try_start(port, bin, extra).await {
-            Some(v) => v,
-            None => {
+        Valkey::try_start(port, bin, extra)
+            .await
+            .unwrap_or_else(|| {
                 panic!("valkey-server did not start on port {port} (taken by another process?)")
-            }
-        }
+            })
     }
 
     /// Starts `bin` on `port`; `None` when it exits or does not answer
@@ -214,19 +213,6 @@ async fn server_pid(url: &str) -> Option<u32> {
     info.lines()
         .find_map(|l| l.strip_prefix("process_id:"))
         .and_then(|v| v.trim().parse().ok())
-}
-
-async fn ping(url: &str) -> bool {
-    let Ok(client) = redis::Client::open(url) else {
-        return false;
-    };
-    let Ok(mut c) = client.get_multiplexed_async_connection().await else {
-        return false;
-    };
-    redis::cmd("PING")
-        .query_async::<String>(&mut c)
-        .await
-        .is_ok()
 }
 
 impl Drop for Valkey {
