@@ -25,11 +25,12 @@ async fn still_serving(bystander: &mut Ws) {
     echo(bystander, "after").await;
 }
 
-/// Reads a raw HTTP response's status, or `None` if the server closed.
-async fn raw_status(s: &mut TcpStream) -> Option<u16> {
+/// Reads a raw HTTP response's status and body.
+async fn raw_reply(s: &mut TcpStream) -> Option<(u16, String)> {
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-    parse_response(&buf).map(|(status, _, _)| status)
+    parse_response(&buf)
+        .map(|(status, _, body)| (status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 #[tokio::test]
@@ -84,7 +85,16 @@ async fn malformed_request_head_gets_400() {
     s.write_all(b"THIS IS NOT HTTP\r\n\x01\x02\r\n\r\n")
         .await
         .expect("write");
-    assert_eq!(raw_status(&mut s).await, Some(400));
+    let (status, body) = raw_reply(&mut s).await.expect("a reply");
+    assert_eq!(status, 400);
+    assert!(body.contains("malformed request head"), "{body:?}");
+    let mut s = TcpStream::connect(node.public).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n")
+        .await
+        .expect("write");
+    let (status, body) = raw_reply(&mut s).await.expect("a reply");
+    assert_eq!(status, 400);
+    assert!(body.contains("malformed request head"), "{body:?}");
     still_serving(&mut by).await;
 }
 
@@ -95,8 +105,32 @@ async fn oversized_request_head_gets_431() {
     let big = "x".repeat(12 * 1024);
     let req = format!("GET /?session=big HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n");
     let _ = s.write_all(req.as_bytes()).await;
-    assert_eq!(raw_status(&mut s).await, Some(431));
+    let (status, body) = raw_reply(&mut s).await.expect("a reply");
+    assert_eq!(status, 431);
+    assert!(body.contains("max_header_bytes"), "{body:?}");
     still_serving(&mut by).await;
+}
+
+#[tokio::test]
+async fn an_http_1_0_upgrade_gets_400() {
+    let (up, node, mut by) = setup("").await;
+    let mut s = TcpStream::connect(node.public).await.expect("connect");
+    s.write_all(
+        b"GET /?session=old HTTP/1.0\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let (status, body) = raw_reply(&mut s).await.expect("a reply");
+    assert_eq!(status, 400);
+    assert!(body.contains("HTTP/1.1"), "{body:?}");
+    still_serving(&mut by).await;
+    let opened = up
+        .handshakes()
+        .iter()
+        .filter(|h| h.header("x-session-id") == Some("old"))
+        .count();
+    assert_eq!(opened, 0, "no upstream connection for a refused upgrade");
 }
 
 #[tokio::test]

@@ -127,6 +127,104 @@ async fn admin_needs_the_token_as_bearer_or_basic_password() {
 }
 
 #[tokio::test]
+async fn admin_auth_schemes_are_case_insensitive() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "").await;
+    // "anyone:t0ken" in base64.
+    for auth in ["bearer t0ken", "BEARER t0ken", "basic YW55b25lOnQwa2Vu"] {
+        let reply = http(
+            node.admin,
+            "GET",
+            "/admin/sessions",
+            &[("Authorization", auth)],
+            b"",
+        )
+        .await;
+        assert_eq!(reply.map(|r| r.0), Some(200), "{auth}");
+    }
+    let wrong = http(
+        node.admin,
+        "GET",
+        "/admin/sessions",
+        &[("Authorization", "bearer nope")],
+        b"",
+    )
+    .await;
+    assert_eq!(wrong.map(|r| r.0), Some(401));
+}
+
+#[tokio::test]
+async fn admin_answers_head_and_names_the_allowed_methods() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "").await;
+    for path in ["/health", "/metrics"] {
+        let (status, headers, body) = http(node.admin, "HEAD", path, &[], b"")
+            .await
+            .expect("reply");
+        assert_eq!(status, 200, "HEAD {path}");
+        assert!(body.is_empty(), "HEAD {path} has no body");
+        assert!(headers.contains_key("content-type"), "HEAD {path}");
+    }
+    let auth = ("Authorization", "Bearer t0ken");
+    for (method, path, allow) in [
+        ("POST", "/metrics", "GET, HEAD"),
+        ("GET", "/admin/drain", "POST"),
+        ("PUT", "/admin/sessions/x", "GET, HEAD, DELETE"),
+        ("DELETE", "/admin/cluster", "GET, HEAD"),
+    ] {
+        let (status, headers, _) = http(node.admin, method, path, &[auth], b"")
+            .await
+            .expect("reply");
+        assert_eq!(status, 405, "{method} {path}");
+        assert_eq!(
+            headers.get("allow").map(String::as_str),
+            Some(allow),
+            "{method} {path}"
+        );
+    }
+    assert_eq!(
+        http(node.admin, "GET", "/admin/nothing", &[auth], b"")
+            .await
+            .map(|r| r.0),
+        Some(404)
+    );
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_unless_openmetrics_is_asked_for() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "").await;
+    let (_, headers, body) = http(node.admin, "GET", "/metrics", &[], b"")
+        .await
+        .expect("metrics");
+    let text = String::from_utf8(body).expect("utf8");
+    assert_eq!(
+        headers.get("content-type").map(String::as_str),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    assert!(
+        text.contains("# TYPE wsbroker_upgrades_total counter"),
+        "{text}"
+    );
+    assert!(!text.contains("# EOF"), "{text}");
+    // What a Prometheus server sends.
+    let accept = (
+        "Accept",
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+    );
+    let (_, headers, body) = http(node.admin, "GET", "/metrics", &[accept], b"")
+        .await
+        .expect("metrics");
+    let text = String::from_utf8(body).expect("utf8");
+    assert_eq!(
+        headers.get("content-type").map(String::as_str),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    assert!(text.contains("# TYPE wsbroker_upgrades counter"), "{text}");
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
+}
+
+#[tokio::test]
 async fn sessions_api_lists_and_describes_sessions() {
     let up = TestUpstream::start().await;
     let node = TestNode::start(&[up.url()], "").await;

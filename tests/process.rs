@@ -214,6 +214,45 @@ async fn check_prints_the_effective_config_or_names_every_bad_key() {
 }
 
 #[tokio::test]
+async fn check_and_run_name_the_key_of_a_missing_or_unusable_file() {
+    let dir = std::env::temp_dir().join(format!("wsbroker-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let not_pem = dir.join("not.pem");
+    std::fs::write(&not_pem, "no certificate here\n").expect("write");
+    let missing = dir.join("missing.pem");
+    let config = dir.join("files.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n\
+             [upstream]\nservers = [\"wss://127.0.0.1:9001\"]\nca_file = \"{}\"\n",
+            missing.display(),
+            not_pem.display(),
+            not_pem.display()
+        ),
+    )
+    .expect("write");
+    for command in ["check", "run"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_wsbroker"))
+            .args([command, "--config"])
+            .arg(&config)
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(1), "{command}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("tls.cert") && err.contains("missing.pem"),
+            "{command}: {err}"
+        );
+        assert!(
+            err.contains("upstream.ca_file") && err.contains("no PEM certificate"),
+            "{command}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
 async fn demo_runs_with_nothing_else() {
     let port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_wsbroker"))

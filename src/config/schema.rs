@@ -183,6 +183,16 @@ impl Reader {
         })
     }
 
+    /// A duration that must be above zero (a zero timeout or interval
+    /// would fail every attempt or spin).
+    fn positive_duration(&mut self, section: &str, key: &str, default: &str) -> Duration {
+        let d = self.duration(section, key, default);
+        if d.is_zero() {
+            self.err(section, key, "must be greater than zero");
+        }
+        d
+    }
+
     fn size(&mut self, section: &str, key: &str, default: &str) -> u64 {
         let v = match self.raw(section, key) {
             Some(Value::Integer(i)) if *i >= 0 => return *i as u64,
@@ -442,9 +452,9 @@ fn read_config(r: &mut Reader) -> Config {
                 ("hash", Balance::Hash),
             ],
         ),
-        connect_timeout: r.duration("upstream", "connect_timeout", "5s"),
+        connect_timeout: r.positive_duration("upstream", "connect_timeout", "5s"),
         ca_file: (!ca_file.is_empty()).then(|| PathBuf::from(ca_file)),
-        health_interval: r.duration("upstream", "health_interval", "5s"),
+        health_interval: r.positive_duration("upstream", "health_interval", "5s"),
         breaker_failures: r
             .integer("upstream", "breaker_failures", 5, 1)
             .min(u32::MAX as u64) as u32,
@@ -505,6 +515,18 @@ fn read_config(r: &mut Reader) -> Config {
         username: r.string("valkey", "username", ""),
         password: r.string("valkey", "password", ""),
     };
+    for addr in &valkey.sentinels {
+        if !is_host_port(addr) {
+            r.err(
+                "valkey",
+                "sentinels",
+                format!("{addr:?} is not host:port (IPv6 in brackets)"),
+            );
+        }
+    }
+    if !valkey.sentinels.is_empty() && valkey.master_name.is_empty() {
+        r.err("valkey", "master_name", "required with sentinels");
+    }
     // TLS to the registry is not built in: refused here rather than failing
     // (or speaking plain TCP to a TLS port) once the node is running.
     if valkey.url.starts_with("rediss://") {
@@ -517,13 +539,13 @@ fn read_config(r: &mut Reader) -> Config {
         r.err("valkey", "url", "must start with redis://");
     }
 
-    let admin = if r.has_section("admin") {
-        if r.raw("admin", "listen").is_none() {
-            r.err("admin", "listen", "required when [admin] is present");
-        }
+    // The admin listener is off when `listen` is absent, whatever else the
+    // section (or the environment) sets.
+    let admin_token = r.string("admin", "token", "");
+    let admin = if r.raw("admin", "listen").is_some() {
         Some(AdminConfig {
             listen: r.socket_addr("admin", "listen", "127.0.0.1:9090"),
-            token: r.string("admin", "token", ""),
+            token: admin_token,
         })
     } else {
         None
@@ -536,7 +558,7 @@ fn read_config(r: &mut Reader) -> Config {
     let limits = LimitsConfig {
         max_connections: r.integer("limits", "max_connections", 100_000, 1) as usize,
         max_message_size: r.size("limits", "max_message_size", "16MiB"),
-        handshake_timeout: r.duration("limits", "handshake_timeout", "10s"),
+        handshake_timeout: r.positive_duration("limits", "handshake_timeout", "10s"),
         max_header_bytes: max_header_bytes as usize,
     };
     if limits.max_message_size == 0 {
@@ -552,7 +574,7 @@ fn read_config(r: &mut Reader) -> Config {
         ),
         level: r.string("log", "level", "info"),
     };
-    if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
+    if !is_log_filter(&log.level) {
         r.err(
             "log",
             "level",
@@ -570,6 +592,50 @@ fn read_config(r: &mut Reader) -> Config {
         admin,
         limits,
         log,
+    }
+}
+
+/// `host:port` with a host and a port in 1..=65535.
+fn is_host_port(addr: &str) -> bool {
+    match addr.rsplit_once(':') {
+        Some((host, port)) => {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        }
+        None => false,
+    }
+}
+
+/// A level (`info`) or comma-separated directives (`wsbroker=debug,warn`)
+/// whose levels are real ones. `EnvFilter` alone would read an unknown word
+/// as a target name and then log nothing.
+fn is_log_filter(filter: &str) -> bool {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let is_level = |l: &str| LEVELS.iter().any(|x| x.eq_ignore_ascii_case(l.trim()));
+    let directives_ok = filter.split(',').all(|d| {
+        let d = d.trim();
+        match d.rsplit_once('=') {
+            Some((target, level)) => !target.trim().is_empty() && is_level(level),
+            None => is_level(d),
+        }
+    });
+    directives_ok && tracing_subscriber::EnvFilter::try_new(filter).is_ok()
+}
+
+/// A `redis://` URL with the password part of its user info replaced.
+fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, password)) if !password.is_empty() => {
+            format!("{scheme}://{user}:<redacted>{}", &rest[at..])
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -653,7 +719,7 @@ pub fn render_effective(c: &Config) -> String {
         OnRegistryDown::Reject => "reject",
     };
     put("cluster", "on_registry_down", s(down));
-    put("valkey", "url", s(&c.valkey.url));
+    put("valkey", "url", s(&redact_url_password(&c.valkey.url)));
     put(
         "valkey",
         "sentinels",
@@ -798,6 +864,67 @@ mod tests {
         assert!(out.contains("<redacted>"));
         // The rendering is itself a valid configuration.
         build(&out.replace("<redacted>", "x"), &no_env).expect("rendered config parses");
+    }
+
+    #[test]
+    fn a_password_in_the_registry_url_is_redacted() {
+        let text =
+            format!("{MINIMAL}[valkey]\nurl = \"redis://default:hunter2@127.0.0.1:6379/0\"\n");
+        let c = build(&text, &no_env).expect("valid");
+        let out = render_effective(&c);
+        assert!(!out.contains("hunter2"), "{out}");
+        assert!(
+            out.contains("redis://default:<redacted>@127.0.0.1:6379/0"),
+            "{out}"
+        );
+        assert_eq!(
+            redact_url_password("redis://:pw@[::1]:6379"),
+            "redis://:<redacted>@[::1]:6379"
+        );
+        assert_eq!(
+            redact_url_password("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
+    }
+
+    #[test]
+    fn zero_timeouts_bad_sentinels_and_unknown_levels_are_refused() {
+        let text = "[upstream]\nservers = [\"ws://127.0.0.1:9001\"]\n\
+                    connect_timeout = \"0s\"\nhealth_interval = \"0ms\"\n\
+                    [limits]\nhandshake_timeout = \"0s\"\n\
+                    [valkey]\nsentinels = [\"nohostport\", \"127.0.0.1:0\", \"[::1]:26379\"]\n\
+                    [log]\nlevel = \"loud\"\n";
+        let errs = build(text, &no_env).unwrap_err().0;
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        for k in [
+            "upstream.connect_timeout",
+            "upstream.health_interval",
+            "limits.handshake_timeout",
+            "valkey.sentinels",
+            "log.level",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+        let sentinel_errors = errs.iter().filter(|e| e.key == "valkey.sentinels").count();
+        assert_eq!(sentinel_errors, 2, "{errs:?}");
+        for good in ["debug", "WARN", "wsbroker=debug,info", "info,hyper=off"] {
+            assert!(is_log_filter(good), "{good}");
+        }
+        for bad in ["loud", "wsbroker=loud", "=info", ""] {
+            assert!(!is_log_filter(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_admin_listener_is_off_without_listen() {
+        let text = format!("{MINIMAL}[admin]\ntoken = \"tok\"\n");
+        let c = build(&text, &no_env).expect("valid");
+        assert!(c.admin.is_none());
+        let env = |k: &str| (k == "WSBROKER_ADMIN_TOKEN").then(|| "tok".to_string());
+        assert!(build(MINIMAL, &env).expect("valid").admin.is_none());
+        let text = format!("{MINIMAL}[admin]\nlisten = \"127.0.0.1:9090\"\n");
+        let admin = build(&text, &env).expect("valid").admin.expect("on");
+        assert_eq!(admin.token, "tok");
     }
 
     #[test]

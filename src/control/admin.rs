@@ -85,17 +85,37 @@ fn authorized(req: &Request<Incoming>, token: &str) -> bool {
     else {
         return false;
     };
-    if let Some(bearer) = auth.strip_prefix("Bearer ") {
-        return same(bearer.trim().as_bytes(), token.as_bytes());
+    // The scheme name is case-insensitive (RFC 9110, section 11.1).
+    let (scheme, credentials) = auth.trim_start().split_once(' ').unwrap_or((auth, ""));
+    let credentials = credentials.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return same(credentials.as_bytes(), token.as_bytes());
     }
-    if let Some(basic) = auth.strip_prefix("Basic ") {
-        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(basic.trim()) else {
+    if scheme.eq_ignore_ascii_case("basic") {
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(credentials) else {
             return false;
         };
         let password = decoded.splitn(2, |b| *b == b':').nth(1).unwrap_or_default();
         return same(password, token.as_bytes());
     }
     false
+}
+
+/// `405 Method Not Allowed` naming the methods the path answers.
+fn not_allowed(allow: &'static str) -> Response<Body> {
+    let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed");
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// Whether the client asked for OpenMetrics (a Prometheus server does).
+fn wants_openmetrics(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
 }
 
 #[derive(Serialize)]
@@ -111,17 +131,34 @@ struct Instance {
 
 async fn handle(req: Request<Incoming>, broker: Arc<Broker>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
-    let method = req.method().clone();
-    if method == Method::GET && path == "/metrics" {
+    // HEAD is answered as GET; hyper leaves the body out.
+    let method = match req.method() {
+        &Method::HEAD => Method::GET,
+        m => m.clone(),
+    };
+    let read_only = ["/metrics", "/health", "/live"];
+    if read_only.contains(&path.as_str()) && method != Method::GET {
+        return Ok(not_allowed("GET, HEAD"));
+    }
+    if path == "/metrics" {
         let (_, _) = health::report(&broker).await;
-        let mut r = Response::new(Full::new(Bytes::from(broker.metrics.render())));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-        );
+        let (body, content_type) = if wants_openmetrics(&req) {
+            (
+                broker.metrics.render_openmetrics(),
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+        } else {
+            (
+                broker.metrics.render(),
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+        };
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         return Ok(r);
     }
-    if method == Method::GET && path == "/health" {
+    if path == "/health" {
         let (status, report) = health::report(&broker).await;
         return Ok(json(status, &report));
     }
@@ -190,6 +227,9 @@ async fn handle(req: Request<Incoming>, broker: Arc<Broker>) -> Result<Response<
                 &serde_json::json!({"status": "draining"}),
             )
         }
+        (_, []) | (_, ["cluster"]) | (_, ["sessions"]) => not_allowed("GET, HEAD"),
+        (_, ["sessions", _]) => not_allowed("GET, HEAD, DELETE"),
+        (_, ["sessions", _, "send"]) | (_, ["drain"]) => not_allowed("POST"),
         _ => text(StatusCode::NOT_FOUND, "404 Not Found"),
     };
     Ok(resp)

@@ -182,13 +182,55 @@ impl Metrics {
         self.upgrade_counters[result as usize].inc();
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    /// Every metric in the OpenMetrics text format (what a Prometheus
+    /// server asks for first).
+    pub fn render_openmetrics(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
     }
+
+    /// Every metric in the classic Prometheus text format (0.0.4), which
+    /// plain scrapers and parsers expect.
+    pub fn render(&self) -> String {
+        classic_text(&self.render_openmetrics())
+    }
+}
+
+/// Rewrites OpenMetrics text as Prometheus text 0.0.4. The two differ, for
+/// what this node exports, in two places: a counter's `# HELP`/`# TYPE`
+/// lines name the family without `_total` in OpenMetrics but must name the
+/// samples exactly (`…_total`) in 0.0.4, and OpenMetrics ends with `# EOF`.
+fn classic_text(open: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open.len() + 16 * counters.len());
+    for line in open.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        if let Some((prefix, rest)) = meta {
+            let name = rest.split(' ').next().unwrap_or_default();
+            if counters.contains(name) && !name.ends_with("_total") {
+                out.push_str(prefix);
+                out.push_str(name);
+                out.push_str("_total");
+                out.push_str(&rest[name.len()..]);
+                out.push('\n');
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 impl Default for Metrics {
@@ -221,5 +263,55 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing:\n{text}");
         }
+    }
+
+    /// The 0.0.4 text format's rule: a family's `# TYPE` line names its
+    /// samples exactly (histograms add `_bucket`, `_sum`, `_count`), and
+    /// there is no `# EOF`.
+    #[test]
+    fn classic_text_names_every_sample_after_its_type_line() {
+        let m = Metrics::new();
+        m.upgrade(UpgradeResult::New);
+        m.forwarded.inc();
+        m.handshake_seconds.observe(0.01);
+        let text = m.render();
+        assert!(!text.contains("# EOF"), "{text}");
+        let mut family: Option<(String, String)> = None;
+        let mut typed = 0;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut parts = rest.split(' ');
+                let name = parts.next().unwrap_or_default().to_string();
+                let kind = parts.next().unwrap_or_default().to_string();
+                family = Some((name, kind));
+                typed += 1;
+                continue;
+            }
+            if line.starts_with('#') || line.is_empty() {
+                continue;
+            }
+            let sample = line.split(['{', ' ']).next().unwrap_or_default();
+            let (name, kind) = family.as_ref().expect("a sample before any # TYPE line");
+            let ok = match kind.as_str() {
+                "histogram" => ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|s| sample.strip_suffix(s) == Some(name.as_str())),
+                _ => sample == name,
+            };
+            assert!(ok, "sample {sample} under # TYPE {name} {kind}:\n{text}");
+        }
+        assert!(typed >= 10, "{text}");
+        assert!(
+            text.contains("# TYPE wsbroker_upgrades_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP wsbroker_upgrades_total "), "{text}");
+    }
+
+    #[test]
+    fn openmetrics_text_keeps_its_own_form() {
+        let text = Metrics::new().render_openmetrics();
+        assert!(text.contains("# TYPE wsbroker_upgrades counter"), "{text}");
+        assert!(text.trim_end().ends_with("# EOF"), "{text}");
     }
 }

@@ -124,6 +124,14 @@ pub async fn handle(
     if !is_upgrade {
         return Ok(plain(&req, &broker).await);
     }
+    // RFC 6455 section 4.1: the opening handshake is HTTP/1.1 or later.
+    if req.version() != hyper::Version::HTTP_11 {
+        broker.metrics.upgrade(UpgradeResult::Rejected);
+        return Ok(text(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: WebSocket upgrades need HTTP/1.1",
+        ));
+    }
     let on_upgrade = hyper::upgrade::on(&mut req);
     let (parts, _body) = req.into_parts();
     let (answer, after) = upgrade(parts, &conn, &broker).await;

@@ -132,6 +132,15 @@ async fn serve_connection(
             drop(buf);
             answer_upgrade(io, *parts, leftover, info, broker).await
         }
+        Ok(Head::Refuse(status, reason)) => {
+            let response = handshake::text(status, reason);
+            let write = write_response(&mut io, response, false);
+            if let Ok(Ok(())) = tokio::time::timeout_at(deadline, write).await {
+                let _ = io.shutdown().await;
+                super::client_reader::linger(&mut io).await;
+            }
+            None
+        }
         // Boxed: hyper's connection future is large; upgrades never need it.
         Ok(Head::Other) => {
             Box::pin(serve_http(Prefixed::new(buf.freeze(), io), info, broker)).await;
@@ -148,6 +157,18 @@ enum Head {
     Other,
     /// The peer closed or failed before a request head.
     Gone,
+    /// A head that is malformed or over `max_header_bytes`: answered here
+    /// with this status and short reason (hyper would send no reason).
+    Refuse(StatusCode, &'static str),
+}
+
+impl Head {
+    fn too_large() -> Head {
+        Head::Refuse(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "431 Request Header Fields Too Large: the request head is over max_header_bytes",
+        )
+    }
 }
 
 /// Most headers an upgrade request may have to be answered here (more go
@@ -160,8 +181,7 @@ async fn read_head(io: &mut PublicStream, buf: &mut BytesMut, limit: usize) -> H
             let mut headers = [httparse::EMPTY_HEADER; MAX_FAST_HEADERS];
             let mut req = httparse::Request::new(&mut headers);
             match req.parse(buf) {
-                // Over the limit: hyper answers 431.
-                Ok(httparse::Status::Complete(len)) if len > limit => return Head::Other,
+                Ok(httparse::Status::Complete(len)) if len > limit => return Head::too_large(),
                 Ok(httparse::Status::Complete(len)) => {
                     // One copy of the head; the path and every header value
                     // are views into it.
@@ -172,11 +192,18 @@ async fn read_head(io: &mut PublicStream, buf: &mut BytesMut, limit: usize) -> H
                     };
                 }
                 Ok(httparse::Status::Partial) => {}
-                Err(_) => return Head::Other,
+                // More headers than the fast path reads: hyper's limit is higher.
+                Err(httparse::Error::TooManyHeaders) => return Head::Other,
+                Err(_) => {
+                    return Head::Refuse(
+                        StatusCode::BAD_REQUEST,
+                        "400 Bad Request: malformed request head",
+                    )
+                }
             }
         }
         if buf.len() >= limit {
-            return Head::Other;
+            return Head::too_large();
         }
         buf.reserve(1024);
         match io.read_buf(buf).await {
@@ -367,10 +394,10 @@ mod tests {
         (client, server)
     }
 
-    /// A head that completes only past the limit goes to hyper (431), even
+    /// A head that completes only past the limit is refused with 431, even
     /// when the read that completes it started under the limit.
     #[tokio::test]
-    async fn a_head_completing_past_the_limit_is_not_answered_here() {
+    async fn a_head_completing_past_the_limit_is_refused_with_431() {
         let (mut client, server) = socket_pair().await;
         let limit = 8 * 1024;
         let head = format!(
@@ -383,15 +410,18 @@ mod tests {
             let mut io: PublicStream = MaybeTls::Plain(server);
             let mut buf = BytesMut::new();
             let head = read_head(&mut io, &mut buf, limit).await;
-            matches!(head, Head::Other)
+            matches!(
+                head,
+                Head::Refuse(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, _)
+            )
         });
         tokio::task::yield_now().await;
         client.write_all(rest).await.expect("write");
-        let other = tokio::time::timeout(Duration::from_secs(5), reader)
+        let refused = tokio::time::timeout(Duration::from_secs(5), reader)
             .await
             .expect("read_head returns")
             .expect("task");
-        assert!(other, "a head over the limit must go to hyper");
+        assert!(refused, "a head over the limit is refused with 431");
     }
 
     #[tokio::test]
