@@ -151,9 +151,10 @@ impl Node {
         self.listeners.cancel();
         self.broker.end_all_sessions();
         self.broker.tasks.close();
-        // Tasks select on `shutdown`; the bound covers close handshakes.
+        // Tasks select on `shutdown`; the bound covers close handshakes
+        // already under way, so the exit follows drain_timeout closely.
         let _ =
-            tokio::time::timeout(std::time::Duration::from_secs(5), self.broker.tasks.wait()).await;
+            tokio::time::timeout(std::time::Duration::from_secs(1), self.broker.tasks.wait()).await;
         tracing::info!(node = %self.broker.node_id, "stopped");
     }
 }

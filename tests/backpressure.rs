@@ -11,27 +11,6 @@ use std::time::Duration;
 use common::*;
 use tokio::io::AsyncWriteExt;
 
-/// Waits until `value` stops growing (same reading for 1 s), at most 20 s.
-async fn plateau(value: impl Fn() -> u64) -> u64 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let mut last = value();
-    let mut stable_since = tokio::time::Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = value();
-        if now != last {
-            last = now;
-            stable_since = tokio::time::Instant::now();
-        } else if stable_since.elapsed() >= Duration::from_secs(1) {
-            return now;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the flood never stalled: {now} bytes"
-        );
-    }
-}
-
 const MIB: u64 = 1 << 20;
 /// Far more than every socket buffer on the path together.
 const FLOOD: u64 = 512 * MIB;
@@ -94,4 +73,27 @@ async fn an_upstream_that_stops_reading_holds_the_client_back() {
     );
     assert!(growth_kib < 16 * 1024, "node RSS grew {growth_kib} KiB");
     writer.abort();
+}
+
+#[tokio::test]
+async fn a_session_blocked_on_a_stalled_client_ends_at_the_drain_deadline() {
+    let up = TestUpstream::start().await;
+    let mut node = TestNode::start(&[up.url()], "[node]\ndrain_timeout = \"1s\"\n").await;
+    let broker = node.broker().clone();
+    // A client that never reads: the session's writes to it stall.
+    let (mut s, _) = raw_upgrade(node.public, "/?session=stuck").await;
+    raw_send_text(&mut s, "flood 2000 65536").await;
+    plateau(|| up.flooded.load(Ordering::Relaxed)).await;
+    let started = tokio::time::Instant::now();
+    node.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        broker.sessions.is_empty(),
+        "the stalled session ended with the node"
+    );
+    drop(s);
 }

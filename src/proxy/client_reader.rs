@@ -124,7 +124,7 @@ impl Running {
         loop {
             if was_kicked && guard.is_none() {
                 // Kicked, and no message of ours is half-sent upstream.
-                Box::pin(linger(&mut this.rd)).await;
+                Box::pin(linger_until_stop(&mut this.rd, &me.broker.shutdown)).await;
                 return;
             }
             let wake = if pending {
@@ -144,13 +144,13 @@ impl Running {
             match wake {
                 Wake::Stopped => {
                     drop(guard);
-                    Box::pin(linger(&mut this.rd)).await;
+                    Box::pin(linger_until_stop(&mut this.rd, &me.broker.shutdown)).await;
                     return;
                 }
                 Wake::Kicked => {
                     was_kicked = true;
                     if guard.is_none() {
-                        Box::pin(linger(&mut this.rd)).await;
+                        Box::pin(linger_until_stop(&mut this.rd, &me.broker.shutdown)).await;
                         return;
                     }
                     kick_deadline = Some(Box::pin(tokio::time::sleep_until(
@@ -261,6 +261,18 @@ impl Running {
                 guard = None;
             }
         }
+    }
+}
+
+/// [`linger`], cut short when the node stops (past its drain deadline
+/// nothing waits for a peer's reply).
+pub async fn linger_until_stop<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    stop: &tokio_util::sync::CancellationToken,
+) {
+    tokio::select! {
+        _ = linger(rd) => {}
+        _ = stop.cancelled() => {}
     }
 }
 

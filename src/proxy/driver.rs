@@ -503,6 +503,7 @@ impl Driver {
         }
         let stall = self.broker.config.session.idle_timeout;
         let signal = &self.session.signal;
+        let shutdown = &self.broker.shutdown;
         let mut failed = Vec::new();
         for c in self.clients.iter_mut().filter(|c| all || c.synced) {
             let mut write = pin!(c.writer.write_all(bytes));
@@ -518,6 +519,8 @@ impl Driver {
                             biased;
                             r = write.as_mut() => r.is_ok(),
                             _ = c.kicked.fired_in(signal) => false,
+                            // Past drain_timeout: the node is stopping.
+                            _ = shutdown.cancelled() => false,
                             _ = tokio::time::sleep(stall) => false,
                         }
                     })
@@ -872,7 +875,8 @@ impl Driver {
             }
         }
         if !self.upstream_eof {
-            Box::pin(client_reader::linger(&mut self.up_read)).await;
+            let stop = &self.broker.shutdown;
+            Box::pin(client_reader::linger_until_stop(&mut self.up_read, stop)).await;
         }
     }
 }

@@ -46,6 +46,27 @@ where
     }
 }
 
+/// Waits until `value` stops growing (same reading for 1 s), at most 20 s.
+pub async fn plateau(value: impl Fn() -> u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut last = value();
+    let mut stable_since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = value();
+        if now != last {
+            last = now;
+            stable_since = tokio::time::Instant::now();
+        } else if stable_since.elapsed() >= Duration::from_secs(1) {
+            return now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the flood never stalled: {now} bytes"
+        );
+    }
+}
+
 // ---------------------------------------------------------------- upstream
 
 /// One upstream handshake as the application saw it.
