@@ -886,3 +886,150 @@ async fn copies_served_locally_during_an_outage_are_settled_when_it_returns() {
     .await;
     assert!(up.closes_for("split").iter().any(|c| c.0 == 4003));
 }
+
+#[tokio::test]
+async fn a_session_that_ends_while_the_registry_is_paused_leaves_no_key() {
+    let valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let node = start_node("n1", &[up.url()], &valkey, "").await;
+    let mut ws = connect(&url(&node, "ends-in-outage")).await;
+    echo(&mut ws, "x").await;
+    let key = "wsb:session:ends-in-outage";
+    assert!(valkey.get(key).await.is_some());
+    valkey.signal("STOP");
+    // Well into the outage (the node has seen the registry fail), the
+    // session ends.
+    let public = node.public;
+    eventually(
+        Duration::from_secs(5),
+        "/health says disconnected",
+        || async move { health(public).await.1["registry"]["status"] == "disconnected" },
+    )
+    .await;
+    ws.close(None).await.expect("close");
+    eventually(Duration::from_secs(5), "the session ended", || async {
+        !up.closes_for("ends-in-outage").is_empty()
+    })
+    .await;
+    // The outage goes on for ten registry operation timeouts (one
+    // heartbeat each) past the end: the node's write of it times out.
+    tokio::time::sleep(Duration::from_millis(10 * HEARTBEAT_MS)).await;
+    valkey.signal("CONT");
+    let valkey = &valkey;
+    eventually(
+        Duration::from_secs(5),
+        "the ended session's key and set entry are gone",
+        || async move {
+            valkey.get(key).await.is_none()
+                && valkey.members("wsb:node-sessions:n1").await.is_empty()
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_process_restarted_under_the_same_id_releases_what_the_last_one_left() {
+    let valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let mut first = start_node("n1", &[up.url()], &valkey, "").await;
+    let mut ws = connect(&url(&first, "inherited")).await;
+    echo(&mut ws, "x").await;
+    let key = "wsb:session:inherited";
+    assert!(valkey
+        .get(key)
+        .await
+        .is_some_and(|v| v.starts_with("n1|1|")));
+    let _ = first.child.kill(); // SIGKILL
+    let _ = first.child.wait();
+    // The new process waits for the old registration to expire, then
+    // registers; no survivor collects an id that is registered again.
+    let second = start_node("n1", &[up.url()], &valkey, "").await;
+    let valkey = &valkey;
+    eventually(
+        Duration::from_secs(5),
+        "the old process's session is released (then expires)",
+        || async move {
+            valkey.get(key).await.is_none_or(|v| v.starts_with("|1|"))
+                && valkey.members("wsb:node-sessions:n1").await.is_empty()
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(5),
+        "the released key expires",
+        || async move { valkey.get(key).await.is_none() },
+    )
+    .await;
+    drop(second);
+}
+
+#[tokio::test]
+async fn a_client_dropping_late_in_a_registry_outage_ends_its_session_too() {
+    let mut valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let node = start_node("n1", &[up.url()], &valkey, "").await;
+    let mut early = connect(&url(&node, "early")).await;
+    echo(&mut early, "x").await;
+    drop(early);
+    let mut late = connect(&url(&node, "late")).await;
+    echo(&mut late, "x").await;
+    valkey.kill();
+    let registry_lost = Some((1001, "registry unreachable".to_string()));
+    // Past stale_ttl the node ends the sessions detached at that point.
+    eventually(
+        Duration::from_secs(5),
+        "the early session ended",
+        || async { up.closes_for("early").first().cloned() == registry_lost },
+    )
+    .await;
+    // A client that drops later in the same outage: its session cannot
+    // wait for a resume either (another node may take it over).
+    drop(late);
+    eventually(
+        Duration::from_secs(3),
+        "the late session ended within a few heartbeats",
+        || async { up.closes_for("late").first().cloned() == registry_lost },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_process_that_finds_its_id_taken_stops_serving_under_it() {
+    let valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let original = start_node("n1", &[up.url()], &valkey, "").await;
+    let mut ws = connect(&url(&original, "dup")).await;
+    echo(&mut ws, "x").await;
+    // Frozen past stale_ttl, the original loses its registration to a
+    // second process started under the same id.
+    original.freeze().await;
+    let mut second = start_node("n1", &[up.url()], &valkey, "").await;
+    original.signal("CONT");
+    // The original steps down: its sessions close as moved, it stops
+    // taking sessions (starting) and does not register over the other.
+    assert_eq!(expect_close(&mut ws, Duration::from_secs(5)).await.0, 4003);
+    let public = original.public;
+    eventually(
+        Duration::from_secs(5),
+        "the original is not serving",
+        || async move {
+            let (status, h) = health(public).await;
+            status == 503 && h["status"] == "starting"
+        },
+    )
+    .await;
+    assert_eq!(upgrade_status(&url(&original, "other"), &[]).await, 503);
+    assert_eq!(health(second.public).await.0, 200);
+    // Once the other process is gone and its registration expired, the
+    // original registers again and serves.
+    let _ = second.child.kill(); // SIGKILL
+    let _ = second.child.wait();
+    eventually(
+        Duration::from_secs(5),
+        "the original registered again",
+        || async move { health(public).await.0 == 200 },
+    )
+    .await;
+    let mut again = connect(&url(&original, "after")).await;
+    echo(&mut again, "y").await;
+}

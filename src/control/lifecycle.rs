@@ -50,6 +50,17 @@ impl Lifecycle {
         );
     }
 
+    /// Back to starting (not serving), unless draining: the node lost its
+    /// id to another live process and must register again.
+    pub fn set_starting(&self) {
+        let _ = self.phase.compare_exchange(
+            Phase::Running as u8,
+            Phase::Starting as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
     /// Starts draining; returns false if it had already started.
     pub fn begin_drain(&self) -> bool {
         let before = self.phase.swap(Phase::Draining as u8, Ordering::AcqRel);

@@ -20,8 +20,6 @@ pub async fn run(broker: Arc<Broker>, stop: CancellationToken) {
     let Some(state) = broker.registry.valkey() else {
         return;
     };
-    let reg = &state.registry;
-    let hb = broker.config.cluster.heartbeat_interval;
     // Follow Sentinel's +switch-master notices (a no-op without Sentinels).
     let watcher = broker.clone();
     let watch_stop = stop.clone();
@@ -30,6 +28,33 @@ pub async fn run(broker: Arc<Broker>, stop: CancellationToken) {
             v.registry.watch_failovers(watch_stop).await;
         }
     });
+    loop {
+        if !join(&broker, state, &stop).await {
+            return;
+        }
+        if !keep(&broker, state, &stop).await {
+            return;
+        }
+        // Another live process holds this node's id: this process stops
+        // acting under it (its sessions may have been taken over while it
+        // was away) and registers again once that registration expires.
+        tracing::error!(node = %broker.node_id, "another live process registered this node id; closing this process's sessions and waiting to register again");
+        broker.lifecycle.set_starting();
+        for s in broker.sessions.all() {
+            s.try_send(Cmd::End {
+                reason: &EndReason::MOVED,
+                after: std::time::Duration::ZERO,
+            });
+        }
+    }
+}
+
+/// Registers (waiting out a live registration under the same id), takes
+/// charge of sessions a previous process under this id left in the
+/// registry, and marks the node running. False when stopped first.
+async fn join(broker: &Arc<Broker>, state: &ValkeyState, stop: &CancellationToken) -> bool {
+    let reg = &state.registry;
+    let hb = broker.config.cluster.heartbeat_interval;
     let mut warned = false;
     loop {
         match reg.register().await {
@@ -44,15 +69,35 @@ pub async fn run(broker: Arc<Broker>, stop: CancellationToken) {
         }
         tokio::select! {
             _ = tokio::time::sleep(hb) => {}
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return false,
         }
     }
     tracing::info!(node = %broker.node_id, advertise = %reg.me.advertise, "registered");
+    // Sessions an earlier process under this id recorded are orphans now
+    // (survivors skip collecting an id that is registered again): released
+    // with their epochs, as a dead node's are. Nothing is served yet, so
+    // none of them is this process's.
+    match reg.release_inherited().await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(node = %broker.node_id, sessions = n, "released sessions an earlier process under this id left")
+        }
+        Err(e) => {
+            tracing::warn!(node = %broker.node_id, error = %e, "could not release sessions an earlier process under this id left")
+        }
+    }
     state.beat_ok();
     broker.lifecycle.set_running();
+    true
+}
+
+/// Heartbeats until `stop` (false) or until another live process holds
+/// this node's id (true).
+async fn keep(broker: &Arc<Broker>, state: &ValkeyState, stop: &CancellationToken) -> bool {
+    let reg = &state.registry;
+    let hb = broker.config.cluster.heartbeat_interval;
     let mut seen_generation = reg.generation();
     let mut last_ok = Instant::now();
-    let mut detached_ended = false;
     let mut ticks = tokio::time::interval(hb);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -60,11 +105,11 @@ pub async fn run(broker: Arc<Broker>, stop: CancellationToken) {
             _ = ticks.tick() => {}
             // A Sentinel announced a new primary: beat now, on it.
             _ = reg.switched.notified() => {}
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return false,
         }
         let left = state.left.lock().await;
         if *left {
-            return;
+            return false;
         }
         let beat = reg.heartbeat().await;
         drop(left);
@@ -80,24 +125,24 @@ pub async fn run(broker: Arc<Broker>, stop: CancellationToken) {
                     tracing::info!(node = %broker.node_id, "registry reconnected; re-asserting sessions");
                 }
                 if beat == Beat::Conflict {
-                    tracing::error!(node = %broker.node_id, "another live process registered this node id");
+                    return true;
                 }
                 if beat == Beat::Lapsed || reconnected {
                     if beat == Beat::Lapsed {
                         tracing::warn!(node = %broker.node_id, "registration had lapsed; re-asserting sessions");
                     }
-                    reassert(&broker, state).await;
+                    reassert(broker, state).await;
                 }
                 last_ok = Instant::now();
                 state.beat_ok();
-                detached_ended = false;
-                refresh_members(&broker, state).await;
+                refresh_members(broker, state).await;
             }
             Err(e) => {
                 tracing::debug!(node = %broker.node_id, error = %e, "heartbeat failed");
-                if last_ok.elapsed() >= reg.stale_ttl() && !detached_ended {
-                    end_detached(&broker);
-                    detached_ended = true;
+                // Every beat while out of reach: a client that drops later
+                // in the outage leaves a detached session too.
+                if last_ok.elapsed() >= reg.stale_ttl() {
+                    end_detached(broker);
                 }
             }
         }

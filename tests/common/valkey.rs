@@ -146,6 +146,16 @@ impl Valkey {
         format!("127.0.0.1:{}", self.port).parse().expect("addr")
     }
 
+    /// Sends a signal (`"STOP"`, `"CONT"`) to the server process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("server running").id();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
     /// SIGKILL the server.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -10,6 +10,7 @@ mod scripts;
 pub mod sentinel;
 pub mod valkey;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -102,6 +103,23 @@ pub struct SessionEnd {
 pub const END_QUEUE: usize = 4096;
 /// Most session ends written in one pipelined round trip.
 const END_BATCH: usize = 256;
+/// Most ends kept for writing again while the registry is out of reach
+/// (about 100 bytes each).
+const MAX_UNWRITTEN: usize = 100_000;
+
+/// Keeps ends to write again, dropping the oldest past [`MAX_UNWRITTEN`]
+/// (logged: their keys are left behind).
+fn keep_unwritten(unwritten: &mut VecDeque<SessionEnd>, ends: impl Iterator<Item = SessionEnd>) {
+    unwritten.extend(ends);
+    let over = unwritten.len().saturating_sub(MAX_UNWRITTEN);
+    if over > 0 {
+        tracing::warn!(
+            dropped = over,
+            "too many session ends waiting for the registry; dropping the oldest"
+        );
+        unwritten.drain(..over);
+    }
+}
 
 impl ValkeyState {
     pub fn new(registry: ValkeyRegistry) -> ValkeyState {
@@ -126,10 +144,26 @@ impl ValkeyState {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         let Some(mut rx) = rx else { return };
+        let retry_every = self.registry.heartbeat_interval();
         let mut batch = Vec::with_capacity(END_BATCH);
+        // Ends the registry did not take (it was out of reach): written
+        // again every heartbeat until it does, so no key outlives its
+        // session. Bounded; the oldest go first past the bound.
+        let mut unwritten: VecDeque<SessionEnd> = VecDeque::new();
         loop {
+            let retry = async {
+                if unwritten.is_empty() {
+                    std::future::pending::<()>().await
+                } else {
+                    tokio::time::sleep(retry_every).await
+                }
+            };
             let first = tokio::select! {
                 m = rx.recv() => m,
+                _ = retry => {
+                    self.write_again(&mut unwritten).await;
+                    continue;
+                }
                 _ = stop.cancelled() => None,
             };
             let Some(first) = first else { break };
@@ -141,7 +175,8 @@ impl ValkeyState {
                 }
             }
             if let Err(e) = self.registry.end_many(&batch).await {
-                tracing::debug!(sessions = batch.len(), error = %e, "could not remove ended sessions");
+                tracing::debug!(sessions = batch.len(), error = %e, "could not remove ended sessions; will retry");
+                keep_unwritten(&mut unwritten, batch.drain(..));
             }
             batch.clear();
         }
@@ -149,8 +184,28 @@ impl ValkeyState {
         while let Ok(m) = rx.try_recv() {
             batch.push(m);
         }
+        batch.extend(unwritten);
         for chunk in batch.chunks(END_BATCH) {
             let _ = self.registry.end_many(chunk).await;
+        }
+    }
+
+    /// Writes kept ends again, a batch at a time, until one fails.
+    async fn write_again(&self, unwritten: &mut VecDeque<SessionEnd>) {
+        while !unwritten.is_empty() {
+            let n = unwritten.len().min(END_BATCH);
+            let batch: Vec<SessionEnd> = unwritten.drain(..n).collect();
+            if let Err(e) = self.registry.end_many(&batch).await {
+                tracing::debug!(sessions = batch.len(), error = %e, "could not remove ended sessions; will retry");
+                for end in batch.into_iter().rev() {
+                    unwritten.push_front(end);
+                }
+                return;
+            }
+            tracing::debug!(
+                sessions = batch.len(),
+                "removed sessions that ended while the registry was out of reach"
+            );
         }
     }
 

@@ -85,11 +85,12 @@ return 1
 "#;
 
 /// Release a session (owner ""), keeping epoch and upstream for ARGV[3] ms,
-/// unless the owner is registered (it came back: its sessions stay its own).
-/// KEYS: session, owner's node set, owner's node key. ARGV: owner, epoch
-/// ("" = any), ttl ms, session id.
+/// unless the owner is registered (it came back: its sessions stay its own)
+/// and ARGV[5] is not "1" (a new process under the owner's id releasing
+/// what an earlier one left). KEYS: session, owner's node set, owner's node
+/// key. ARGV: owner, epoch ("" = any), ttl ms, session id, "1" or "0".
 pub const RELEASE: &str = r#"
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 redis.call('SREM', KEYS[2], ARGV[4])
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end

@@ -208,6 +208,10 @@ impl ValkeyRegistry {
         self.stale_ttl
     }
 
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat
+    }
+
     /// The current connection, opening one if there is none.
     async fn conn(&self) -> Result<MultiplexedConnection, RegistryError> {
         let mut current = self.conn.lock().await;
@@ -559,6 +563,31 @@ impl ValkeyRegistry {
         sessions: &[(String, Option<u64>)],
         ttl: Duration,
     ) -> Result<(), RegistryError> {
+        self.release_batch(owner, sessions, ttl, false).await
+    }
+
+    /// Releases, as a dead node's, the sessions an earlier process under
+    /// this node's id left recorded; called once registered, before this
+    /// process serves any. Returns how many there were.
+    pub async fn release_inherited(&self) -> Result<usize, RegistryError> {
+        let set = self.my_set.clone();
+        let sids: Vec<String> = self
+            .run(|mut c| async move { redis::cmd("SMEMBERS").arg(&set).query_async(&mut c).await })
+            .await?;
+        let sessions: Vec<(String, Option<u64>)> = sids.into_iter().map(|s| (s, None)).collect();
+        let me = self.me.id.clone();
+        self.release_batch(&me, &sessions, self.collected_ttl(), true)
+            .await?;
+        Ok(sessions.len())
+    }
+
+    async fn release_batch(
+        &self,
+        owner: &str,
+        sessions: &[(String, Option<u64>)],
+        ttl: Duration,
+        own_id: bool,
+    ) -> Result<(), RegistryError> {
         for chunk in sessions.chunks(500) {
             let mut pipe = redis::pipe();
             for (sid, epoch) in chunk {
@@ -573,6 +602,7 @@ impl ValkeyRegistry {
                     epoch,
                     (ttl.as_millis() as u64).to_string(),
                     sid.clone(),
+                    if own_id { "1" } else { "0" }.to_string(),
                 ];
                 pipe.add_command(evalsha(&self.release, &keys, &args))
                     .ignore();
