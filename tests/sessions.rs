@@ -271,3 +271,44 @@ async fn a_client_that_vanishes_before_its_101_leaves_no_session_behind() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_client_dropping_inside_a_frame_ends_the_session_with_1001_and_no_torn_bytes() {
+    use tokio::io::AsyncWriteExt;
+    use wsbroker::proxy::frame::{encode_frame, OP_TEXT};
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "[session]\nresume_grace = \"30s\"\n").await;
+    let (mut s, _) = raw_upgrade(node.public, "/?session=torn").await;
+    raw_send_text(&mut s, "whole").await;
+    let received = || {
+        up.log
+            .lock()
+            .expect("log")
+            .messages
+            .iter()
+            .filter(|(sid, _)| sid == "torn")
+            .map(|(_, m)| m.clone())
+            .collect::<Vec<_>>()
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the first message arrived",
+        || async { received().len() == 1 },
+    )
+    .await;
+    // Half of a second message's only frame, then the connection ends.
+    let frame = encode_frame(OP_TEXT, &[b'x'; 100], true);
+    s.write_all(&frame[..50]).await.expect("write");
+    s.flush().await.expect("flush");
+    drop(s);
+    // Not resumable (the client was inside a message): the upstream gets a
+    // proper Close 1001, and not one byte of the torn frame before it.
+    upstream_closed_with(&up, "torn", 1001).await;
+    assert_eq!(received(), vec![Message::text("whole")]);
+    assert!(!up
+        .log
+        .lock()
+        .expect("log")
+        .aborted
+        .contains(&"torn".to_string()));
+}

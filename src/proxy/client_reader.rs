@@ -97,7 +97,7 @@ impl Reader {
             reader: self,
             rd,
             rb: ReadBuffer::with_bytes(&leftover),
-            scanner: FrameScanner::new(true, max),
+            scanner: FrameScanner::new(true, max).holding_frames_up_to(frame::HOLD_FRAMES_UP_TO),
             events: Vec::with_capacity(2),
         });
         running.run()
@@ -171,7 +171,11 @@ impl Running {
                 }
                 Wake::Read(Ok(n)) if n > 0 => {}
                 Wake::Read(_) => {
-                    let torn = !this.scanner.at_message_boundary();
+                    // Bytes held back that start a data frame: the client
+                    // dropped inside a message, though none of it went
+                    // upstream (the upstream is at a frame boundary).
+                    let held_data = this.rb.buf.first().is_some_and(|b| b & 0x0F < 0x8);
+                    let torn = !this.scanner.at_message_boundary() || held_data;
                     let mid_frame = !this.scanner.at_frame_boundary();
                     drop(guard);
                     me.report(Cmd::ClientGone {

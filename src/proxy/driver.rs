@@ -211,7 +211,7 @@ impl Driver {
             _lease: lease,
             clients: Vec::new(),
             next_client: 0,
-            scanner: FrameScanner::new(false, max),
+            scanner: FrameScanner::new(false, max).holding_frames_up_to(frame::HOLD_FRAMES_UP_TO),
             buf,
             events: Vec::with_capacity(2),
             // Until the first client's upgrade completes, upstream messages

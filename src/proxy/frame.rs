@@ -16,6 +16,11 @@ pub const OP_PONG: u8 = 0xA;
 /// Longest possible frame header: 2 + 8 (extended length) + 4 (mask).
 pub const MAX_HEADER_LEN: usize = 14;
 
+/// Data frames up to this size are relayed only once whole (the client's
+/// and the upstream's direction of a session): a peer that drops inside
+/// one leaves the other side at a frame boundary.
+pub const HOLD_FRAMES_UP_TO: usize = 16 * 1024;
+
 /// A boundary the scanner found inside one scanned buffer. Offsets are
 /// positions in that buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +79,10 @@ pub struct FrameScanner {
     in_message: bool,
     /// Payload bytes of the current message so far.
     message_len: u64,
+    /// Data frames up to this many bytes (header included) are relayed
+    /// only once whole, so a peer that drops mid-frame leaves the other
+    /// side at a frame boundary (a Close can still be sent). 0: none held.
+    hold_frames_up_to: u64,
 }
 
 impl FrameScanner {
@@ -85,7 +94,15 @@ impl FrameScanner {
             frame_is_final: false,
             in_message: false,
             message_len: 0,
+            hold_frames_up_to: 0,
         }
+    }
+
+    /// Holds back data frames of up to `limit` bytes until whole (see
+    /// `hold_frames_up_to`); larger ones are relayed as their bytes come.
+    pub fn holding_frames_up_to(mut self, limit: usize) -> Self {
+        self.hold_frames_up_to = limit as u64;
+        self
     }
 
     /// No frame is partly relayed: a control frame may be injected here.
@@ -166,6 +183,11 @@ impl FrameScanner {
             let message_len = message_len.saturating_add(head.payload_len);
             if message_len > self.max_message {
                 return Err(FrameError::TooBig { valid_upto: pos });
+            }
+            let frame_len = head.header_len as u64 + head.payload_len;
+            if frame_len <= self.hold_frames_up_to && ((buf.len() - pos) as u64) < frame_len {
+                // A small frame not yet whole: kept for the next scan.
+                return Ok(pos);
             }
             if head.opcode != OP_CONTINUATION {
                 events.push(Event::MessageStart { at: pos });
@@ -323,6 +345,29 @@ mod tests {
             ]
         );
         assert!(s.at_message_boundary());
+    }
+
+    #[test]
+    fn a_small_frame_is_held_until_whole_and_a_large_one_streams() {
+        let small = encode_frame(OP_TEXT, &[b'a'; 100], true);
+        let mut s = FrameScanner::new(true, 1 << 20).holding_frames_up_to(1024);
+        let (n, ev) = scan_all(&mut s, &small[..50]);
+        assert_eq!((n, ev.len()), (0, 0), "nothing of a partial small frame");
+        assert!(s.at_message_boundary());
+        let (n, ev) = scan_all(&mut s, &small);
+        assert_eq!(n, small.len());
+        assert_eq!(
+            ev,
+            vec![
+                Event::MessageStart { at: 0 },
+                Event::MessageEnd { at: small.len() }
+            ]
+        );
+        let large = encode_frame(OP_BINARY, &[7u8; 4096], true);
+        let (n, ev) = scan_all(&mut s, &large[..2000]);
+        assert_eq!(n, 2000, "a frame over the limit streams");
+        assert_eq!(ev, vec![Event::MessageStart { at: 0 }]);
+        assert!(!s.at_frame_boundary());
     }
 
     #[test]
