@@ -75,6 +75,11 @@ async fn plain_requests_get_426_except_health_and_live() {
             .map(|r| r.0),
         Some(200)
     );
+    let (status, headers, _) = http(node.public, "POST", "/health", &[], b"")
+        .await
+        .expect("reply");
+    assert_eq!(status, 405);
+    assert_eq!(headers.get("allow").map(String::as_str), Some("GET, HEAD"));
     still_serving(&mut by).await;
 }
 

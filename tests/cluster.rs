@@ -1033,3 +1033,21 @@ async fn a_process_that_finds_its_id_taken_stops_serving_under_it() {
     let mut again = connect(&url(&original, "after")).await;
     echo(&mut again, "y").await;
 }
+
+#[tokio::test]
+async fn many_clients_joining_a_shared_session_through_another_node_all_get_in() {
+    let valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let nodes = start_cluster(2, &[up.url()], &valkey, "[session]\nattach = \"shared\"\n").await;
+    let mut first = connect(&url(&nodes[0], "crowd")).await;
+    echo(&mut first, "x").await;
+    // Twenty at once through the node that does not own the session: each
+    // is forwarded in turn, none refused as contended.
+    let target = url(&nodes[1], "crowd");
+    let attempts = (0..20).map(|_| {
+        let target = target.clone();
+        async move { upgrade_status(&target, &[]).await }
+    });
+    let statuses = futures_util::future::join_all(attempts).await;
+    assert!(statuses.iter().all(|s| *s == 101), "{statuses:?}");
+}

@@ -207,6 +207,20 @@ async fn metrics_are_prometheus_text_unless_openmetrics_is_asked_for() {
         "{text}"
     );
     assert!(!text.contains("# EOF"), "{text}");
+    // text/plain preferred, or OpenMetrics refused: the classic format.
+    for accept in [
+        "application/openmetrics-text;q=0.3,text/plain;q=0.9",
+        "application/openmetrics-text;q=0",
+    ] {
+        let (_, headers, _) = http(node.admin, "GET", "/metrics", &[("Accept", accept)], b"")
+            .await
+            .expect("metrics");
+        assert_eq!(
+            headers.get("content-type").map(String::as_str),
+            Some("text/plain; version=0.0.4; charset=utf-8"),
+            "{accept}"
+        );
+    }
     // What a Prometheus server sends.
     let accept = (
         "Accept",

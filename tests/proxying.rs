@@ -468,3 +468,34 @@ async fn an_upgrade_after_a_plain_request_on_the_same_connection_works() {
     let echoed = raw_read_payload(&mut s, rest, Duration::from_secs(5)).await;
     assert_eq!(echoed, b"after live");
 }
+
+#[tokio::test]
+async fn utf8_header_values_reach_the_upstream_as_sent() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "").await;
+    let mut s = tokio::net::TcpStream::connect(node.public)
+        .await
+        .expect("connect");
+    let request = upgrade_request("/?session=utf8", "a")
+        .replace("\r\n\r\n", "\r\nCookie: a=1; name=Jos\u{e9}\r\n\r\n");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let (head, _) = raw_read_head(&mut s, Duration::from_secs(5)).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let up = &up;
+    eventually(
+        Duration::from_secs(5),
+        "the upstream's handshake logged",
+        || async move {
+            up.handshakes()
+                .iter()
+                .any(|h| h.header("x-session-id") == Some("utf8"))
+        },
+    )
+    .await;
+    let hs = up.handshakes();
+    let hs = hs
+        .iter()
+        .find(|h| h.header("x-session-id") == Some("utf8"))
+        .expect("upstream handshake");
+    assert_eq!(hs.header("cookie"), Some("a=1; name=Jos\u{e9}"));
+}

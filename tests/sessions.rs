@@ -273,6 +273,33 @@ async fn a_client_that_vanishes_before_its_101_leaves_no_session_behind() {
 }
 
 #[tokio::test]
+async fn a_client_dropping_inside_a_fragmented_message_leaves_the_upstream_none_of_it() {
+    use tokio::io::AsyncWriteExt;
+    use wsbroker::proxy::frame::{encode_frame, OP_TEXT};
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "[session]\nresume_grace = \"30s\"\n").await;
+    let (mut s, _) = raw_upgrade(node.public, "/?session=frag").await;
+    // The first fragment of a two-fragment message, then the end.
+    let mut first = encode_frame(OP_TEXT, b"first half", true);
+    first[0] &= 0x7f;
+    s.write_all(&first).await.expect("write");
+    s.flush().await.expect("flush");
+    drop(s);
+    upstream_closed_with(&up, "frag", 1001).await;
+    assert_eq!(
+        node.broker().metrics.bytes.upstream.get(),
+        0,
+        "not one byte of the message went upstream"
+    );
+    let log = up.log.lock().expect("log");
+    assert!(
+        log.messages.iter().all(|(sid, _)| sid != "frag"),
+        "no message upstream"
+    );
+    assert!(!log.aborted.contains(&"frag".to_string()), "a clean Close");
+}
+
+#[tokio::test]
 async fn a_client_dropping_inside_a_frame_ends_the_session_with_1001_and_no_torn_bytes() {
     use tokio::io::AsyncWriteExt;
     use wsbroker::proxy::frame::{encode_frame, OP_TEXT};

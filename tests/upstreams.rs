@@ -57,6 +57,84 @@ async fn round_robin_spreads_evenly() {
 }
 
 #[tokio::test]
+async fn round_robin_shares_a_down_upstreams_turns_evenly() {
+    let ups = vec![
+        TestUpstream::start().await,
+        TestUpstream::start().await,
+        TestUpstream::start().await,
+    ];
+    let down_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let down = TestUpstream::serve(down_listener);
+    let down_url = down.url();
+    // The down upstream sits second in the list.
+    let urls = vec![ups[0].url(), down_url.clone(), ups[1].url(), ups[2].url()];
+    let node = TestNode::start(&urls, "[upstream]\nbalance = \"round_robin\"\n").await;
+    drop(down); // the port now refuses connections
+    eventually(Duration::from_secs(5), "probe marks it down", || async {
+        health(node.public).await.1["upstreams"][1]["healthy"] == false
+    })
+    .await;
+    let (counts, _clients) = spread(&node, &ups, "rd", 12).await;
+    assert_eq!(counts, vec![4, 4, 4], "{down_url} down");
+}
+
+#[tokio::test]
+async fn a_creation_whose_client_left_mid_way_still_ends_cleanly() {
+    // An upstream that accepts and never answers: creation takes the whole
+    // connect_timeout.
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent_url = format!("ws://{}", silent.local_addr().expect("addr"));
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let node = TestNode::start(&[silent_url], "[upstream]\nconnect_timeout = \"1s\"\n").await;
+    // Through hyper's path (a request before the upgrade on one
+    // connection), where a client that leaves drops the request.
+    let mut s = tokio::net::TcpStream::connect(node.public)
+        .await
+        .expect("connect");
+    s.write_all(b"GET /live HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, body) = raw_read_head(&mut s, Duration::from_secs(5)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The rest of the body, "live\n".
+    let mut rest = vec![0u8; 5usize.saturating_sub(body.len())];
+    s.read_exact(&mut rest).await.expect("body");
+    s.write_all(upgrade_request("/?session=left", "a").as_bytes())
+        .await
+        .expect("write");
+    let broker = node.broker().clone();
+    eventually(
+        Duration::from_secs(5),
+        "the session is being created",
+        || async { broker.creating.contains_key("left") },
+    )
+    .await;
+    drop(s);
+    // The creation runs to its end (the dial times out) and releases the
+    // claim: nothing is left registered for the id.
+    eventually(Duration::from_secs(5), "the creation is over", || async {
+        broker.creating.is_empty()
+    })
+    .await;
+    let wsbroker::control::registry::Registry::Memory(claims) = &broker.registry else {
+        panic!("memory registry");
+    };
+    eventually(
+        Duration::from_secs(5),
+        "no claim left for the id",
+        || async { claims.is_empty() },
+    )
+    .await;
+    assert!(broker.sessions.is_empty());
+    holder.abort();
+}
+
+#[tokio::test]
 async fn least_conn_fills_the_emptiest_upstream() {
     let ups = three().await;
     let urls: Vec<String> = ups.iter().map(TestUpstream::url).collect();

@@ -537,6 +537,12 @@ fn read_config(r: &mut Reader) -> Config {
         );
     } else if !valkey.url.starts_with("redis://") {
         r.err("valkey", "url", "must start with redis://");
+    } else if redis::IntoConnectionInfo::into_connection_info(valkey.url.as_str()).is_err() {
+        r.err(
+            "valkey",
+            "url",
+            "not a valid URL such as redis://user:password@host:6379/0",
+        );
     }
 
     // The admin listener is off when `listen` is absent, whatever else the
@@ -595,15 +601,22 @@ fn read_config(r: &mut Reader) -> Config {
     }
 }
 
-/// `host:port` with a host and a port in 1..=65535.
+/// `host:port` with a host name or address (IPv6 in brackets) and a port
+/// in 1..=65535.
 fn is_host_port(addr: &str) -> bool {
-    match addr.rsplit_once(':') {
-        Some((host, port)) => {
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return false;
+    };
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
         }
-        None => false,
-    }
+    };
+    host_ok && port.parse::<u16>().is_ok_and(|p| p > 0)
 }
 
 /// A level (`info`) or comma-separated directives (`wsbroker=debug,warn`)
@@ -910,6 +923,20 @@ mod tests {
         for good in ["debug", "WARN", "wsbroker=debug,info", "info,hyper=off"] {
             assert!(is_log_filter(good), "{good}");
         }
+        for good in ["127.0.0.1:26379", "sentinel-1.example:26379", "[::1]:26379"] {
+            assert!(is_host_port(good), "{good}");
+        }
+        for bad in [
+            "redis://127.0.0.1:26379",
+            "host with space:1",
+            "[::x]:1",
+            ":26379",
+        ] {
+            assert!(!is_host_port(bad), "{bad}");
+        }
+        let text = format!("{MINIMAL}[valkey]\nurl = \"redis://user:pw@[::1/0\"\n");
+        let errs = build(&text, &no_env).unwrap_err().0;
+        assert!(errs.iter().any(|e| e.key == "valkey.url"), "{errs:?}");
         for bad in ["loud", "wsbroker=loud", "=info", ""] {
             assert!(!is_log_filter(bad), "{bad}");
         }

@@ -109,13 +109,30 @@ fn not_allowed(allow: &'static str) -> Response<Body> {
     r
 }
 
-/// Whether the client asked for OpenMetrics (a Prometheus server does).
+/// Whether the client prefers OpenMetrics (a Prometheus server does) to
+/// the classic text format, by the `q` values of its `Accept` header.
 fn wants_openmetrics(req: &Request<Incoming>) -> bool {
-    req.headers()
+    let (mut open, mut plain) = (0.0f32, 0.0f32);
+    let ranges = req
+        .headers()
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("application/openmetrics-text"))
+        .flat_map(|v| v.split(','));
+    for range in ranges {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.strip_prefix("q="))
+            .find_map(|q| q.parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match media.as_str() {
+            "application/openmetrics-text" => open = open.max(q),
+            "text/plain" => plain = plain.max(q),
+            _ => {}
+        }
+    }
+    open > 0.0 && open >= plain
 }
 
 #[derive(Serialize)]

@@ -163,12 +163,19 @@ impl Upstreams {
     /// The upstreams to try for a new session, best first (advances the
     /// round-robin rotation: call once per session).
     pub fn order(&self, session_id: &str) -> Vec<Arc<Upstream>> {
-        let n = self.list.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut out: Vec<Arc<Upstream>> = (0..n)
-            .map(|i| self.list[(start + i) % n].clone())
+        // The rotation runs over the available upstreams only, so the one
+        // after a down upstream does not take its turns too.
+        let mut out: Vec<Arc<Upstream>> = self
+            .list
+            .iter()
             .filter(|u| self.available(u))
+            .cloned()
             .collect();
+        if !out.is_empty() {
+            let start = self.next.fetch_add(1, Ordering::Relaxed);
+            let n = out.len();
+            out.rotate_left(start % n);
+        }
         match self.balance {
             Balance::RoundRobin => {}
             // Stable sort keeps the rotation as the tie-breaker.

@@ -16,9 +16,10 @@ pub const OP_PONG: u8 = 0xA;
 /// Longest possible frame header: 2 + 8 (extended length) + 4 (mask).
 pub const MAX_HEADER_LEN: usize = 14;
 
-/// Data frames up to this size are relayed only once whole (the client's
-/// and the upstream's direction of a session): a peer that drops inside
-/// one leaves the other side at a frame boundary.
+/// Messages (all their frames, control frames between them included) and
+/// data frames up to this size are relayed only once whole, in both
+/// directions of a session: a peer that drops inside one leaves the other
+/// side with nothing of it, at a message boundary.
 pub const HOLD_FRAMES_UP_TO: usize = 16 * 1024;
 
 /// A boundary the scanner found inside one scanned buffer. Offsets are
@@ -184,10 +185,19 @@ impl FrameScanner {
             if message_len > self.max_message {
                 return Err(FrameError::TooBig { valid_upto: pos });
             }
-            let frame_len = head.header_len as u64 + head.payload_len;
-            if frame_len <= self.hold_frames_up_to && ((buf.len() - pos) as u64) < frame_len {
-                // A small frame not yet whole: kept for the next scan.
-                return Ok(pos);
+            if self.hold_frames_up_to > 0 {
+                let held = if head.opcode == OP_CONTINUATION {
+                    // A frame of a message already being relayed.
+                    let frame_len = head.header_len as u64 + head.payload_len;
+                    frame_len <= self.hold_frames_up_to && ((buf.len() - pos) as u64) < frame_len
+                } else {
+                    message_extent(&buf[pos..], self.hold_frames_up_to) == Extent::Partial
+                };
+                if held {
+                    // Not yet whole and small enough to wait for: kept for
+                    // the next scan.
+                    return Ok(pos);
+                }
             }
             if head.opcode != OP_CONTINUATION {
                 events.push(Event::MessageStart { at: pos });
@@ -202,6 +212,45 @@ impl FrameScanner {
                 events.push(Event::MessageEnd { at: pos });
             }
         }
+    }
+}
+
+/// How much of a message starting at the front of a buffer is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Extent {
+    /// Its final frame is in the buffer (or the frames break the protocol,
+    /// which the scan reports).
+    Whole,
+    /// Not all there yet, and no larger than the hold limit so far.
+    Partial,
+    /// Larger than the hold limit: relayed as it comes.
+    TooLarge,
+}
+
+/// Walks the frames of the message starting at `buf[0]` (control frames
+/// between its fragments included) up to `limit` bytes.
+fn message_extent(buf: &[u8], limit: u64) -> Extent {
+    let mut at = 0usize;
+    loop {
+        let Some(h) = parse_header(&buf[at..]) else {
+            return if (at + MAX_HEADER_LEN) as u64 > limit {
+                Extent::TooLarge
+            } else {
+                Extent::Partial
+            };
+        };
+        let end = at as u64 + h.header_len as u64 + h.payload_len;
+        if end > limit {
+            return Extent::TooLarge;
+        }
+        if end > buf.len() as u64 {
+            return Extent::Partial;
+        }
+        let is_data = h.opcode < 0x8;
+        if (is_data && h.fin) || (is_data && at > 0 && h.opcode != OP_CONTINUATION) {
+            return Extent::Whole;
+        }
+        at = end as usize;
     }
 }
 
@@ -368,6 +417,35 @@ mod tests {
         assert_eq!(n, 2000, "a frame over the limit streams");
         assert_eq!(ev, vec![Event::MessageStart { at: 0 }]);
         assert!(!s.at_frame_boundary());
+    }
+
+    #[test]
+    fn a_small_fragmented_message_is_held_until_its_final_frame() {
+        let mut msg = encode_frame(OP_TEXT, b"hel", true);
+        msg[0] &= 0x7f; // not final
+        let ping = encode_frame(OP_PING, b"p", true);
+        let mut last = encode_frame(OP_CONTINUATION, b"lo", true);
+        let mut all = msg.clone();
+        all.extend_from_slice(&ping);
+        let before_last = all.len();
+        all.append(&mut last);
+        let mut s = FrameScanner::new(true, 1 << 20).holding_frames_up_to(1024);
+        for cut in [1, msg.len(), before_last, all.len() - 1] {
+            let (n, ev) = scan_all(&mut s, &all[..cut]);
+            assert_eq!((n, ev.len()), (0, 0), "held at {cut} bytes");
+            assert!(s.at_message_boundary());
+        }
+        let (n, ev) = scan_all(&mut s, &all);
+        assert_eq!(n, all.len());
+        assert_eq!(ev.first(), Some(&Event::MessageStart { at: 0 }));
+        assert_eq!(ev.last(), Some(&Event::MessageEnd { at: all.len() }));
+        // Over the limit, the first fragment goes at once.
+        let mut big = encode_frame(OP_BINARY, &[1u8; 2000], true);
+        big[0] &= 0x7f;
+        let mut s = FrameScanner::new(true, 1 << 20).holding_frames_up_to(1024);
+        let (n, _) = scan_all(&mut s, &big);
+        assert_eq!(n, big.len());
+        assert!(!s.at_message_boundary());
     }
 
     #[test]

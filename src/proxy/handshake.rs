@@ -134,7 +134,22 @@ pub async fn handle(
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     let (parts, _body) = req.into_parts();
-    let (answer, after) = upgrade(parts, &conn, &broker).await;
+    // On a task of its own: hyper drops this future when the client goes,
+    // and a routing step cut short would leave a claimed session or a
+    // half-open circuit's trial behind. Run to its end, it leaves a
+    // session waiting for its client to resume, as on the listener's path.
+    let routing = {
+        let (conn, task_broker) = (conn.clone(), broker.clone());
+        broker
+            .tasks
+            .spawn(async move { upgrade(parts, &conn, &task_broker).await })
+    };
+    let Ok((answer, after)) = routing.await else {
+        return Ok(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 Service Unavailable: the node is stopping",
+        ));
+    };
     match after {
         After::Nothing => {}
         After::Attach {
@@ -177,6 +192,12 @@ async fn plain(req: &Request<Incoming>, broker: &Arc<Broker>) -> Response<Body> 
             json(status, &report)
         }
         "/live" if get => text(StatusCode::OK, "live"),
+        "/health" | "/live" => {
+            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed");
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            r
+        }
         _ => {
             let mut r = text(
                 StatusCode::UPGRADE_REQUIRED,
@@ -523,7 +544,9 @@ pub fn upstream_headers(headers: &HeaderMap, client: &str, tls: bool) -> String 
         {
             continue;
         }
-        if let Ok(v) = value.to_str() {
+        // UTF-8 passes as sent (a cookie value with "é" in it); only bytes
+        // that are not UTF-8 at all leave the header out.
+        if let Ok(v) = std::str::from_utf8(value.as_bytes()) {
             line(&mut out, n, v);
         }
     }

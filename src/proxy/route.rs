@@ -81,7 +81,17 @@ pub async fn route(
     hopped: bool,
 ) -> Result<Decision, RouteError> {
     let mode = broker.config.session.attach;
-    for _ in 0..6 {
+    // Waiting for another request's creation of the same id is bounded in
+    // time, not in turns: many clients arriving together (a shared session
+    // reached through a node that forwards them) each wait their turn.
+    let deadline =
+        tokio::time::Instant::now() + broker.upstreams.connect_timeout() + Duration::from_secs(1);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        if attempts > 6 || tokio::time::Instant::now() >= deadline {
+            return Err(RouteError::Contended);
+        }
         if let Some(session) = broker.sessions.get(id) {
             if !still_owned(broker, &session).await {
                 continue;
@@ -110,8 +120,9 @@ pub async fn route(
                 // `notify_waiters` reaches this waiter.
                 let notified = done.notified();
                 drop(e);
-                let wait = broker.upstreams.connect_timeout() + Duration::from_secs(1);
-                let _ = tokio::time::timeout(wait, notified).await;
+                let _ = tokio::time::timeout_at(deadline, notified).await;
+                // A turn spent waiting is not an attempt.
+                attempts -= 1;
                 continue;
             }
             dashmap::mapref::entry::Entry::Vacant(v) => {
@@ -126,7 +137,6 @@ pub async fn route(
             None => continue,
         }
     }
-    Err(RouteError::Contended)
 }
 
 /// After a freeze or a partition (registration not renewed within

@@ -217,7 +217,10 @@ async fn upstream_conn(
         let headers = req
             .headers()
             .iter()
-            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+            .map(|(k, v)| {
+                let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                (k.as_str().to_string(), v)
+            })
             .collect::<HashMap<_, _>>();
         if let Some(offered) = req
             .headers()
