@@ -339,3 +339,98 @@ async fn a_client_dropping_inside_a_frame_ends_the_session_with_1001_and_no_torn
         .aborted
         .contains(&"torn".to_string()));
 }
+
+#[tokio::test]
+async fn admin_sends_to_a_detached_session_count_against_its_resume_buffer() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(
+        &[up.url()],
+        "[session]\nresume_grace = \"30s\"\nresume_buffer = \"1KiB\"\n",
+    )
+    .await;
+    let mut ws = connect(&node.url("/?session=sent")).await;
+    echo(&mut ws, "x").await;
+    drop(ws);
+    eventually(Duration::from_secs(5), "detached", || async {
+        node.broker()
+            .sessions
+            .get("sent")
+            .is_some_and(|s| s.clients() == 0)
+    })
+    .await;
+    let body = vec![b'a'; 600];
+    let auth = ("Authorization", "Bearer t0ken");
+    for _ in 0..2 {
+        let r = http(
+            node.admin,
+            "POST",
+            "/admin/sessions/sent/send",
+            &[auth],
+            &body,
+        )
+        .await;
+        assert!(matches!(r.map(|r| r.0), Some(202) | Some(404)));
+    }
+    // Two 600-byte messages exceed the 1 KiB buffer: the session ends.
+    session_gone(&node, "sent").await;
+    upstream_closed_with(&up, "sent", 1001).await;
+}
+
+#[tokio::test]
+async fn a_reconnect_right_after_a_client_close_starts_a_new_session() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "").await;
+    let mut ws = connect(&node.url("/?session=again")).await;
+    echo(&mut ws, "x").await;
+    // The upstream stops reading: the old session's closing handshake
+    // waits for it.
+    ws.send(Message::text("stall")).await.expect("send");
+    ws.close(None).await.expect("close");
+    // Ended by the Close at once, though its handshake is still under way.
+    eventually(
+        Duration::from_secs(2),
+        "the old session left the table",
+        || async { node.broker().sessions.get("again").is_none() },
+    )
+    .await;
+    let mut next = connect(&node.url("/?session=again")).await;
+    echo(&mut next, "new").await;
+    let epochs: Vec<String> = up
+        .handshakes()
+        .iter()
+        .filter(|h| h.header("x-session-id") == Some("again"))
+        .map(|h| h.header("x-session-epoch").unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        epochs,
+        vec!["1", "1"],
+        "a new session, not a re-established one"
+    );
+}
+
+#[tokio::test]
+async fn a_session_ended_by_the_operator_frees_its_id_before_its_upstream_has_closed() {
+    let up = TestUpstream::start().await;
+    let node = TestNode::start(&[up.url()], "").await;
+    let mut ws = connect(&node.url("/?session=del")).await;
+    echo(&mut ws, "x").await;
+    // The upstream stops reading: it will not answer the Close.
+    ws.send(Message::text("stall")).await.expect("send");
+    let auth = ("Authorization", "Bearer t0ken");
+    let r = http(node.admin, "DELETE", "/admin/sessions/del", &[auth], b"").await;
+    assert_eq!(r.map(|r| r.0), Some(200));
+    session_gone(&node, "del").await;
+    let mut next = connect(&node.url("/?session=del")).await;
+    echo(&mut next, "new").await;
+    let epochs: Vec<String> = up
+        .handshakes()
+        .iter()
+        .filter(|h| h.header("x-session-id") == Some("del"))
+        .map(|h| h.header("x-session-epoch").unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        epochs,
+        vec!["1", "1"],
+        "a new session, not a re-established one"
+    );
+}

@@ -120,6 +120,8 @@ pub struct Driver {
     upstream_eof: bool,
     /// A close handshake is under way; the session stops by this time.
     closing_deadline: Option<Instant>,
+    /// Out of the table and the registry (see `retire`).
+    retired: bool,
     /// A scheduled end (drain jitter).
     end_at: Option<(Instant, EndReason)>,
     /// When to look at the idle timeout next (activity only moves it later,
@@ -225,6 +227,7 @@ impl Driver {
             upstream_closed: false,
             upstream_eof: false,
             closing_deadline: None,
+            retired: false,
             end_at: None,
             idle_check,
         }
@@ -251,22 +254,13 @@ impl Driver {
         };
         // Refuse new attaches and stop the readers before closing: a new
         // upgrade for this id now creates a fresh session.
-        self.session.mark_ended();
+        self.retire().await;
         self.session.close_commands();
         self.session.signal.stop();
-        self.broker.sessions.remove(&self.session);
         // Rare and large: boxed so that an idle session's task stays small.
         Box::pin(self.finish(stop)).await;
-        // The connections close now, not after the registry call (which
-        // can wait for an unreachable registry).
         let (broker, session) = (self.broker.clone(), self.session.clone());
         drop(self);
-        Box::pin(broker.registry.session_ended(
-            &session.id,
-            session.epoch,
-            Some(&session.upstream),
-        ))
-        .await;
         broker.metrics.sessions_active.dec();
         tracing::debug!(session = %session.id, "session ended");
     }
@@ -356,6 +350,24 @@ impl Driver {
         self.closing_deadline.is_some()
     }
 
+    /// The session is over for everyone but its closing handshake: it
+    /// leaves the table (a new upgrade for the id creates a new session,
+    /// at epoch 1) and the registry. Done once, when a Close starts the
+    /// end or when the driver stops, before the connections' closing
+    /// waits (a registry end is queued, not waited for, in the common
+    /// case).
+    async fn retire(&mut self) {
+        if self.retired {
+            return;
+        }
+        self.retired = true;
+        self.session.mark_ended();
+        self.broker.sessions.remove(&self.session);
+        let registry = &self.broker.registry;
+        let session = &self.session;
+        Box::pin(registry.session_ended(&session.id, session.epoch, Some(&session.upstream))).await;
+    }
+
     fn start_closing(&mut self) {
         if self.closing_deadline.is_none() {
             self.closing_deadline = Some(Instant::now() + CLOSE_LINGER);
@@ -392,7 +404,7 @@ impl Driver {
             return Some(Stop::UpstreamFault(e));
         }
         if self.scanner.at_message_boundary() && !self.pending_sends.is_empty() {
-            Box::pin(self.flush_sends()).await;
+            return Box::pin(self.flush_sends()).await;
         }
         None
     }
@@ -411,6 +423,7 @@ impl Driver {
             {
                 self.upstream_closed = true;
                 self.start_closing();
+                self.retire().await;
             }
         }
         if self.clients.iter().all(|c| c.synced) {
@@ -663,15 +676,16 @@ impl Driver {
                     frame::OP_BINARY
                 };
                 let accepted = self.pending_sends.len() < MAX_PENDING_SENDS && !self.closing();
+                let mut stop = None;
                 if accepted {
                     self.pending_sends
                         .push_back(frame::encode_frame(opcode, &payload, false));
                     if self.scanner.at_message_boundary() {
-                        self.flush_sends().await;
+                        stop = self.flush_sends().await;
                     }
                 }
                 let _ = done.send(accepted);
-                None
+                stop
             }
             Cmd::End { reason, after } => {
                 if after.is_zero() || self.detached.is_some() {
@@ -738,7 +752,7 @@ impl Driver {
         let reader = self.seat(client, rd, leftover);
         self.broker.tasks.spawn(reader.run());
         if self.scanner.at_message_boundary() && !self.pending_sends.is_empty() {
-            self.flush_sends().await;
+            return self.flush_sends().await;
         }
         None
     }
@@ -767,21 +781,30 @@ impl Driver {
         }
         self.write_upstream(&close).await;
         self.start_closing();
+        self.retire().await;
         None
     }
 
-    async fn flush_sends(&mut self) {
+    /// Delivers queued admin sends; while detached they go into the resume
+    /// buffer, under its bound like upstream messages.
+    async fn flush_sends(&mut self) -> Option<Stop> {
         while let Some(msg) = self.pending_sends.pop_front() {
             if let Some(d) = self.detached.as_mut() {
-                if d.synced {
-                    d.buffer.extend_from_slice(&msg);
-                    continue;
+                if !d.synced {
+                    self.pending_sends.push_front(msg);
+                    return None;
                 }
-                self.pending_sends.push_front(msg);
-                return;
+                d.buffer.extend_from_slice(&msg);
+                let held = d.buffer.len();
+                self.session.buffered.store(held as u64, Ordering::Relaxed);
+                if held > self.broker.config.session.resume_buffer as usize {
+                    return Some(Stop::End(RESUME_OVERFLOW));
+                }
+                continue;
             }
             self.write_clients(&msg, false).await;
         }
+        None
     }
 
     /// Writes a whole frame to the upstream when its stream is at a frame
