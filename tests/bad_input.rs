@@ -255,3 +255,23 @@ async fn exclusive_session_already_attached_gets_409() {
     );
     still_serving(&mut by).await;
 }
+
+#[tokio::test]
+async fn a_frame_length_with_its_top_bit_set_gets_1002() {
+    let (up, node, mut by) = setup("").await;
+    let (mut s, rest) = raw_upgrade(node.public, "/?session=toplen").await;
+    // A 64-bit length of 2^63 + 5 (RFC 6455: the top bit must be 0).
+    let mut f = vec![0x82, 0xff, 0x80, 0, 0, 0, 0, 0, 0, 5, 1, 2, 3, 4];
+    f.extend_from_slice(b"hello");
+    s.write_all(&f).await.expect("write");
+    let (code, reason) = raw_read_close(&mut s, rest, Duration::from_secs(5)).await;
+    assert_eq!(code, 1002, "{reason}");
+    let up = &up;
+    eventually(
+        Duration::from_secs(5),
+        "the upstream closed with 1001",
+        || async move { up.closes_for("toplen").first().map(|c| c.0) == Some(1001) },
+    )
+    .await;
+    still_serving(&mut by).await;
+}

@@ -148,6 +148,9 @@ impl FrameScanner {
             if head.rsv != 0 {
                 return Err(protocol("reserved bits set without a negotiated extension"));
             }
+            if head.payload_len >> 63 != 0 {
+                return Err(protocol("frame length with its most significant bit set"));
+            }
             if head.masked != self.expect_masked {
                 return Err(protocol(if self.expect_masked {
                     "client frame not masked"
@@ -239,7 +242,9 @@ fn message_extent(buf: &[u8], limit: u64) -> Extent {
                 Extent::Partial
             };
         };
-        let end = at as u64 + h.header_len as u64 + h.payload_len;
+        let end = (at as u64)
+            .saturating_add(h.header_len as u64)
+            .saturating_add(h.payload_len);
         if end > limit {
             return Extent::TooLarge;
         }
@@ -279,9 +284,9 @@ pub fn parse_header(buf: &[u8]) -> Option<Header> {
         }
         127 => {
             let b: [u8; 8] = buf.get(2..10)?.try_into().ok()?;
-            // The most significant bit must be 0 (RFC 6455 §5.2); clamp so the
-            // size limit rejects it rather than overflowing.
-            (8, u64::from_be_bytes(b) & (u64::MAX >> 1))
+            // As sent: a length with its most significant bit set breaks
+            // RFC 6455 §5.2, and the scan refuses it.
+            (8, u64::from_be_bytes(b))
         }
         n => (0, n as u64),
     };
@@ -446,6 +451,16 @@ mod tests {
         let (n, _) = scan_all(&mut s, &big);
         assert_eq!(n, big.len());
         assert!(!s.at_message_boundary());
+    }
+
+    #[test]
+    fn a_64_bit_length_with_its_top_bit_set_is_a_protocol_error() {
+        let mut f = vec![0x82, 0xff, 0x80, 0, 0, 0, 0, 0, 0, 5, 1, 2, 3, 4];
+        f.extend_from_slice(b"hello");
+        let mut s = FrameScanner::new(true, 1 << 20);
+        let err = s.scan(&f, &mut Vec::new()).expect_err("refused");
+        assert_eq!(err.close_code(), 1002);
+        assert_eq!(err.valid_upto(), 0);
     }
 
     #[test]
