@@ -275,3 +275,34 @@ async fn a_frame_length_with_its_top_bit_set_gets_1002() {
     .await;
     still_serving(&mut by).await;
 }
+
+#[tokio::test]
+async fn an_upgrade_with_two_keys_or_a_body_gets_400() {
+    let (up, node, mut by) = setup("").await;
+    let base = upgrade_request("/?session=strict", "a");
+    let requests = [
+        base.replace(
+            "\r\n\r\n",
+            "\r\nSec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n\r\n",
+        ),
+        base.replace("\r\n\r\n", "\r\nSec-WebSocket-Version: 8\r\n\r\n"),
+        base.replace("\r\n\r\n", "\r\nContent-Length: 5\r\n\r\nhello"),
+        base.replace(
+            "\r\n\r\n",
+            "\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
+    ];
+    for request in requests {
+        let mut s = TcpStream::connect(node.public).await.expect("connect");
+        s.write_all(request.as_bytes()).await.expect("write");
+        let (status, body) = raw_reply(&mut s).await.expect("a reply");
+        assert_eq!(status, 400, "{request}: {body}");
+    }
+    let opened = up
+        .handshakes()
+        .iter()
+        .filter(|h| h.header("x-session-id") == Some("strict"))
+        .count();
+    assert_eq!(opened, 0);
+    still_serving(&mut by).await;
+}

@@ -349,6 +349,30 @@ async fn check_and_route(
         );
         return Err(r);
     }
+    // One key, one version, no body (RFC 6455 section 4.1): bytes after
+    // the head are frames.
+    if headers
+        .get_all(header::SEC_WEBSOCKET_KEY)
+        .iter()
+        .nth(1)
+        .is_some()
+        || headers
+            .get_all(header::SEC_WEBSOCKET_VERSION)
+            .iter()
+            .nth(1)
+            .is_some()
+    {
+        return Err(bad(
+            "more than one Sec-WebSocket-Key or Sec-WebSocket-Version",
+        ));
+    }
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if has_body {
+        return Err(bad("an upgrade request has no body"));
+    }
     // The key goes upstream as it came: the upstream's answer is then the
     // client's, and is checked against it (one digest per upgrade).
     let Some((key, accept)) = headers
