@@ -98,7 +98,8 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         let ends = broker.clone();
         broker.tasks.spawn(async move {
             if let Some(v) = ends.registry.valkey() {
-                v.write_ends(ends.shutdown.clone()).await;
+                let live = |sid: &str| ends.sessions.get(sid).is_some();
+                v.write_ends(ends.shutdown.clone(), live).await;
             }
         });
     } else {

@@ -36,13 +36,29 @@ fn read_certs(path: &Path) -> Result<Vec<pki_types::CertificateDer<'static>>, Tl
     Ok(certs)
 }
 
+fn read_key(path: &Path) -> Result<pki_types::PrivateKeyDer<'static>, TlsError> {
+    let pem = std::fs::read(path).map_err(|e| file_err(path, e))?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| file_err(path, e))?
+        .ok_or_else(|| file_err(path, "no PEM private key found"))
+}
+
+/// Checks the public listener's files one by one, as far as each goes:
+/// `(certificate problem, key problem)`; a key that does not match the
+/// certificate counts as the key's.
+pub fn check_server_files(cert: &Path, key: &Path) -> (Option<TlsError>, Option<TlsError>) {
+    let cert_err = read_certs(cert).err();
+    let key_err = read_key(key).err();
+    if cert_err.is_some() || key_err.is_some() {
+        return (cert_err, key_err);
+    }
+    (None, server_acceptor(cert, key).err())
+}
+
 /// The acceptor for `wss://` on the public listener.
 pub fn server_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
     let certs = read_certs(cert)?;
-    let pem = std::fs::read(key).map_err(|e| file_err(key, e))?;
-    let key_der = rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|e| file_err(key, e))?
-        .ok_or_else(|| file_err(key, "no PEM private key found"))?;
+    let key_der = read_key(key)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()

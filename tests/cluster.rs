@@ -1051,3 +1051,52 @@ async fn many_clients_joining_a_shared_session_through_another_node_all_get_in()
     let statuses = futures_util::future::join_all(attempts).await;
     assert!(statuses.iter().all(|s| *s == 101), "{statuses:?}");
 }
+
+#[tokio::test]
+async fn an_end_kept_from_an_outage_spares_a_session_back_under_its_id() {
+    let valkey = Valkey::start().await;
+    let up = TestUpstream::start().await;
+    let node = start_node("n1", &[up.url()], &valkey, "").await;
+    let mut ws = connect(&url(&node, "back")).await;
+    echo(&mut ws, "x").await;
+    valkey.signal("STOP");
+    let public = node.public;
+    eventually(
+        Duration::from_secs(5),
+        "/health says disconnected",
+        || async move { health(public).await.1["registry"]["status"] == "disconnected" },
+    )
+    .await;
+    // The session ends in the outage (its end is kept), and a client
+    // comes back under the same id: served here, at epoch 1 again.
+    ws.close(None).await.expect("close");
+    eventually(Duration::from_secs(5), "the session ended", || async {
+        !up.closes_for("back").is_empty()
+    })
+    .await;
+    let mut again = connect(&url(&node, "back")).await;
+    echo(&mut again, "y").await;
+    valkey.signal("CONT");
+    let valkey = &valkey;
+    eventually(
+        Duration::from_secs(5),
+        "the live session re-asserted",
+        || async move {
+            valkey
+                .get("wsb:session:back")
+                .await
+                .is_some_and(|v| v.starts_with("n1|1|"))
+        },
+    )
+    .await;
+    // The kept end is retried every heartbeat: over ten of them, it never
+    // removes the live session's key.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(HEARTBEAT_MS)).await;
+        assert!(
+            valkey.get("wsb:session:back").await.is_some(),
+            "the live session's key was removed"
+        );
+    }
+    echo(&mut again, "still here").await;
+}

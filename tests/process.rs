@@ -228,7 +228,8 @@ async fn check_and_run_name_the_key_of_a_missing_or_unusable_file() {
         &config,
         format!(
             "[tls]\ncert = \"{}\"\nkey = \"{}\"\n\
-             [upstream]\nservers = [\"wss://127.0.0.1:9001\"]\nca_file = \"{}\"\n",
+             [upstream]\nservers = [\"wss://127.0.0.1:9001\"]\nca_file = \"{}\"\n\
+             [log]\nlevel = \"loud\"\n",
             missing.display(),
             not_pem.display(),
             not_pem.display()
@@ -251,6 +252,12 @@ async fn check_and_run_name_the_key_of_a_missing_or_unusable_file() {
             err.contains("upstream.ca_file") && err.contains("no PEM certificate"),
             "{command}: {err}"
         );
+        // Every problem in one run: the key's own, and one of another kind.
+        assert!(
+            err.contains("tls.key") && err.contains("no PEM private key"),
+            "{command}: {err}"
+        );
+        assert!(err.contains("log.level"), "{command}: {err}");
     }
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -183,45 +183,7 @@ impl Config {
                 reason: format!("cannot read: {e}"),
             }])
         })?;
-        let config = Config::parse(&text, &|k| std::env::var(k).ok())?;
-        config.check_files()?;
-        Ok(config)
-    }
-
-    /// Checks what parsing cannot: that the certificate, key and CA files
-    /// named can be read and used, loading them as a running node does, so
-    /// `check` passes no configuration that `run` refuses.
-    pub fn check_files(&self) -> Result<(), ConfigErrors> {
-        let mut errors = Vec::new();
-        if let Some(tls) = &self.tls {
-            if let Err(e) = crate::tls::server_acceptor(&tls.cert, &tls.key) {
-                let key = match &e {
-                    crate::tls::TlsError::File { path, .. }
-                        if *path == tls.cert.display().to_string() =>
-                    {
-                        "tls.cert"
-                    }
-                    _ => "tls.key",
-                };
-                errors.push(ConfigError {
-                    key: key.to_string(),
-                    reason: e.to_string(),
-                });
-            }
-        }
-        if let Some(ca) = &self.upstream.ca_file {
-            if let Err(e) = crate::tls::UpstreamTls::new(Some(ca)) {
-                errors.push(ConfigError {
-                    key: "upstream.ca_file".to_string(),
-                    reason: e.to_string(),
-                });
-            }
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigErrors(errors))
-        }
+        Config::parse(&text, &|k| std::env::var(k).ok())
     }
 
     /// The scheme clients use on the public listener.

@@ -588,6 +588,8 @@ fn read_config(r: &mut Reader) -> Config {
         );
     }
 
+    check_files(r, tls.as_ref(), upstream.ca_file.as_deref());
+
     Config {
         node,
         tls,
@@ -598,6 +600,28 @@ fn read_config(r: &mut Reader) -> Config {
         admin,
         limits,
         log,
+    }
+}
+
+/// Loads the certificate, key and CA files named, as a running node does,
+/// so `check` passes no configuration that `run` refuses; each problem is
+/// reported with the others, under its own key.
+fn check_files(r: &mut Reader, tls: Option<&TlsConfig>, ca_file: Option<&std::path::Path>) {
+    if let Some(tls) = tls {
+        if !tls.cert.as_os_str().is_empty() && !tls.key.as_os_str().is_empty() {
+            let (cert, key) = crate::tls::check_server_files(&tls.cert, &tls.key);
+            if let Some(e) = cert {
+                r.err("tls", "cert", e.to_string());
+            }
+            if let Some(e) = key {
+                r.err("tls", "key", e.to_string());
+            }
+        }
+    }
+    if let Some(ca) = ca_file {
+        if let Err(e) = crate::tls::UpstreamTls::new(Some(ca)) {
+            r.err("upstream", "ca_file", e.to_string());
+        }
     }
 }
 

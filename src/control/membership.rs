@@ -202,7 +202,8 @@ async fn refresh_members(broker: &Arc<Broker>, state: &ValkeyState) {
 /// attached clients keep flowing.
 fn end_detached(broker: &Arc<Broker>) {
     for s in broker.sessions.all() {
-        if s.clients() == 0 {
+        // A session whose first client is still arriving is not detached.
+        if s.clients_and_arriving() == 0 {
             s.try_send(Cmd::End {
                 reason: &EndReason::REGISTRY_LOST,
                 after: std::time::Duration::ZERO,

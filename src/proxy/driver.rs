@@ -254,7 +254,7 @@ impl Driver {
         };
         // Refuse new attaches and stop the readers before closing: a new
         // upgrade for this id now creates a fresh session.
-        self.retire().await;
+        self.retire();
         self.session.close_commands();
         self.session.signal.stop();
         // Rare and large: boxed so that an idle session's task stays small.
@@ -354,18 +354,30 @@ impl Driver {
     /// leaves the table (a new upgrade for the id creates a new session,
     /// at epoch 1) and the registry. Done once, when a Close starts the
     /// end or when the driver stops, before the connections' closing
-    /// waits (a registry end is queued, not waited for, in the common
-    /// case).
-    async fn retire(&mut self) {
+    /// waits; the registry end is queued, never waited for here.
+    fn retire(&mut self) {
         if self.retired {
             return;
         }
         self.retired = true;
         self.session.mark_ended();
         self.broker.sessions.remove(&self.session);
-        let registry = &self.broker.registry;
-        let session = &self.session;
-        Box::pin(registry.session_ended(&session.id, session.epoch, Some(&session.upstream))).await;
+        let s = &self.session;
+        let up = Some(&*s.upstream);
+        if self
+            .broker
+            .registry
+            .try_session_ended(&s.id, s.epoch, up)
+            .is_err()
+        {
+            // Rare (the registry's end queue is full): waiting for room
+            // must not hold this session's closing up.
+            let (broker, s) = (self.broker.clone(), s.clone());
+            self.broker.tasks.spawn(async move {
+                let up = Some(&*s.upstream);
+                broker.registry.session_ended(&s.id, s.epoch, up).await;
+            });
+        }
     }
 
     fn start_closing(&mut self) {
@@ -423,7 +435,7 @@ impl Driver {
             {
                 self.upstream_closed = true;
                 self.start_closing();
-                self.retire().await;
+                self.retire();
             }
         }
         if self.clients.iter().all(|c| c.synced) {
@@ -781,7 +793,7 @@ impl Driver {
         }
         self.write_upstream(&close).await;
         self.start_closing();
-        self.retire().await;
+        self.retire();
         None
     }
 

@@ -252,7 +252,12 @@ fn message_extent(buf: &[u8], limit: u64) -> Extent {
             return Extent::Partial;
         }
         let is_data = h.opcode < 0x8;
-        if (is_data && h.fin) || (is_data && at > 0 && h.opcode != OP_CONTINUATION) {
+        // A Close ends the stream: no final fragment follows it, so what
+        // is there goes as it is (the Close with it).
+        if (is_data && h.fin)
+            || (is_data && at > 0 && h.opcode != OP_CONTINUATION)
+            || h.opcode == OP_CLOSE
+        {
             return Extent::Whole;
         }
         at = end as usize;
@@ -444,6 +449,23 @@ mod tests {
         assert_eq!(n, all.len());
         assert_eq!(ev.first(), Some(&Event::MessageStart { at: 0 }));
         assert_eq!(ev.last(), Some(&Event::MessageEnd { at: all.len() }));
+        // A Close after a first fragment: no final fragment will come, so
+        // the fragment and the Close go as they are.
+        let mut first = encode_frame(OP_TEXT, b"hel", true);
+        first[0] &= 0x7f;
+        let close = encode_close(1011, "bye", true);
+        let mut closing = first.clone();
+        closing.extend_from_slice(&close);
+        let mut s = FrameScanner::new(true, 1 << 20).holding_frames_up_to(1024);
+        let (n, ev) = scan_all(&mut s, &closing);
+        assert_eq!(n, closing.len());
+        assert!(ev.iter().any(|e| matches!(
+            e,
+            Event::Control {
+                opcode: OP_CLOSE,
+                ..
+            }
+        )));
         // Over the limit, the first fragment goes at once.
         let mut big = encode_frame(OP_BINARY, &[1u8; 2000], true);
         big[0] &= 0x7f;

@@ -297,6 +297,12 @@ impl Session {
         self.attach_state().ended = true;
     }
 
+    /// Clients attached, plus upgrades answered and not yet handed over.
+    pub fn clients_and_arriving(&self) -> usize {
+        let st = self.attach_state();
+        st.attached + st.pending
+    }
+
     pub fn clients(&self) -> usize {
         self.attach_state().attached
     }

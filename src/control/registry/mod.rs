@@ -137,7 +137,10 @@ impl ValkeyState {
     /// Writes queued session ends, as many as have gathered in one
     /// pipelined round trip (which waits up to 2 ms to go out with the
     /// next claim's write), until `stop`; then writes what is left.
-    pub async fn write_ends(&self, stop: CancellationToken) {
+    /// `live`: whether this node holds a session of that id now; an end
+    /// kept from an outage is dropped for such a one (the session came
+    /// back under the same epoch: its key is its own again).
+    pub async fn write_ends(&self, stop: CancellationToken, live: impl Fn(&str) -> bool) {
         let rx = self
             .ends_rx
             .lock()
@@ -150,18 +153,27 @@ impl ValkeyState {
         // again every heartbeat until it does, so no key outlives its
         // session. Bounded; the oldest go first past the bound.
         let mut unwritten: VecDeque<SessionEnd> = VecDeque::new();
+        // When to write the kept ends again: one heartbeat after they were
+        // kept or last tried, however many new ends arrive meanwhile.
+        let mut next_retry: Option<tokio::time::Instant> = None;
         loop {
+            if unwritten.is_empty() {
+                next_retry = None;
+            } else if next_retry.is_none() {
+                next_retry = Some(tokio::time::Instant::now() + retry_every);
+            }
             let retry = async {
-                if unwritten.is_empty() {
-                    std::future::pending::<()>().await
-                } else {
-                    tokio::time::sleep(retry_every).await
+                match next_retry {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending::<()>().await,
                 }
             };
             let first = tokio::select! {
                 m = rx.recv() => m,
                 _ = retry => {
+                    unwritten.retain(|end| !live(&end.session));
                     self.write_again(&mut unwritten).await;
+                    next_retry = None;
                     continue;
                 }
                 _ = stop.cancelled() => None,
@@ -285,20 +297,45 @@ impl Registry {
     /// `upstream`: the one on record, when known. On Valkey the end is
     /// queued and written in a batch with others.
     pub async fn session_ended(&self, session: &Arc<str>, epoch: u64, upstream: Option<&str>) {
+        let Err(end) = self.try_session_ended(session, epoch, upstream) else {
+            return;
+        };
+        let Registry::Valkey(v) = self else { return };
+        // The queue is full: wait for room (its writer keeps what the
+        // registry does not take); write it here only once that writer
+        // has stopped.
+        if v.ends.send(end).await.is_ok() {
+            return;
+        }
+        if let Err(e) = Box::pin(v.registry.end(session, epoch)).await {
+            tracing::debug!(session = %session, error = %e, "could not remove the session key");
+        }
+    }
+
+    /// Records a session's end without waiting: done, or (the end queue
+    /// being full) the end back for [`session_ended`](Self::session_ended).
+    #[allow(clippy::result_large_err)]
+    pub fn try_session_ended(
+        &self,
+        session: &Arc<str>,
+        epoch: u64,
+        upstream: Option<&str>,
+    ) -> Result<(), SessionEnd> {
         match self {
-            Registry::Memory(m) => m.ended(session, epoch),
+            Registry::Memory(m) => {
+                m.ended(session, epoch);
+                Ok(())
+            }
             Registry::Valkey(v) => {
                 let end = SessionEnd {
                     session: session.clone(),
                     epoch,
                     upstream: upstream.map(str::to_string),
                 };
-                if v.ends.try_send(end).is_ok() {
-                    return;
-                }
-                if let Err(e) = Box::pin(v.registry.end(session, epoch)).await {
-                    tracing::debug!(session = %session, error = %e, "could not remove the session key");
-                }
+                v.ends.try_send(end).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(end)
+                    | mpsc::error::TrySendError::Closed(end) => end,
+                })
             }
         }
     }
