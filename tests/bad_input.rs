@@ -130,11 +130,7 @@ async fn an_http_1_0_upgrade_gets_400() {
     assert_eq!(status, 400);
     assert!(body.contains("HTTP/1.1"), "{body:?}");
     still_serving(&mut by).await;
-    let opened = up
-        .handshakes()
-        .iter()
-        .filter(|h| h.header("x-session-id") == Some("old"))
-        .count();
+    let opened = up.connections_for("old");
     assert_eq!(opened, 0, "no upstream connection for a refused upgrade");
 }
 
@@ -298,11 +294,7 @@ async fn an_upgrade_with_two_keys_or_a_body_gets_400() {
         let (status, body) = raw_reply(&mut s).await.expect("a reply");
         assert_eq!(status, 400, "{request}: {body}");
     }
-    let opened = up
-        .handshakes()
-        .iter()
-        .filter(|h| h.header("x-session-id") == Some("strict"))
-        .count();
+    let opened = up.connections_for("strict");
     assert_eq!(opened, 0);
     still_serving(&mut by).await;
 }

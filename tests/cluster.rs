@@ -28,6 +28,18 @@ async fn metric_line(p: &BrokerProcess, line_start: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// SIGSTOPs the registry and waits until `node` reports it disconnected.
+async fn pause_registry(valkey: &Valkey, node: &BrokerProcess) {
+    valkey.signal("STOP");
+    let public = node.public;
+    eventually(
+        Duration::from_secs(5),
+        "/health says disconnected",
+        || async move { health(public).await.1["registry"]["status"] == "disconnected" },
+    )
+    .await;
+}
+
 async fn metric(p: &BrokerProcess, name: &str) -> f64 {
     metric_line(p, name)
         .await
@@ -896,16 +908,9 @@ async fn a_session_that_ends_while_the_registry_is_paused_leaves_no_key() {
     echo(&mut ws, "x").await;
     let key = "wsb:session:ends-in-outage";
     assert!(valkey.get(key).await.is_some());
-    valkey.signal("STOP");
     // Well into the outage (the node has seen the registry fail), the
     // session ends.
-    let public = node.public;
-    eventually(
-        Duration::from_secs(5),
-        "/health says disconnected",
-        || async move { health(public).await.1["registry"]["status"] == "disconnected" },
-    )
-    .await;
+    pause_registry(&valkey, &node).await;
     ws.close(None).await.expect("close");
     eventually(Duration::from_secs(5), "the session ended", || async {
         !up.closes_for("ends-in-outage").is_empty()
@@ -1059,14 +1064,7 @@ async fn an_end_kept_from_an_outage_spares_a_session_back_under_its_id() {
     let node = start_node("n1", &[up.url()], &valkey, "").await;
     let mut ws = connect(&url(&node, "back")).await;
     echo(&mut ws, "x").await;
-    valkey.signal("STOP");
-    let public = node.public;
-    eventually(
-        Duration::from_secs(5),
-        "/health says disconnected",
-        || async move { health(public).await.1["registry"]["status"] == "disconnected" },
-    )
-    .await;
+    pause_registry(&valkey, &node).await;
     // The session ends in the outage (its end is kept), and a client
     // comes back under the same id: served here, at epoch 1 again.
     ws.close(None).await.expect("close");

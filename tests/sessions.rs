@@ -387,20 +387,10 @@ async fn a_reconnect_right_after_a_client_close_starts_a_new_session() {
     ws.send(Message::text("stall")).await.expect("send");
     ws.close(None).await.expect("close");
     // Ended by the Close at once, though its handshake is still under way.
-    eventually(
-        Duration::from_secs(2),
-        "the old session left the table",
-        || async { node.broker().sessions.get("again").is_none() },
-    )
-    .await;
+    session_gone(&node, "again").await;
     let mut next = connect(&node.url("/?session=again")).await;
     echo(&mut next, "new").await;
-    let epochs: Vec<String> = up
-        .handshakes()
-        .iter()
-        .filter(|h| h.header("x-session-id") == Some("again"))
-        .map(|h| h.header("x-session-epoch").unwrap_or("").to_string())
-        .collect();
+    let epochs = up.epochs_for("again");
     assert_eq!(
         epochs,
         vec!["1", "1"],
@@ -422,12 +412,7 @@ async fn a_session_ended_by_the_operator_frees_its_id_before_its_upstream_has_cl
     session_gone(&node, "del").await;
     let mut next = connect(&node.url("/?session=del")).await;
     echo(&mut next, "new").await;
-    let epochs: Vec<String> = up
-        .handshakes()
-        .iter()
-        .filter(|h| h.header("x-session-id") == Some("del"))
-        .map(|h| h.header("x-session-epoch").unwrap_or("").to_string())
-        .collect();
+    let epochs = up.epochs_for("del");
     assert_eq!(
         epochs,
         vec!["1", "1"],

@@ -22,7 +22,7 @@ use super::health;
 use super::sessions_api::{self, Op};
 use crate::broker::Broker;
 use crate::clock;
-use crate::proxy::handshake::{json, text, Body};
+use crate::proxy::handshake::{json, not_allowed, text, Body};
 
 const STATUS_PAGE: &str = include_str!("status_page.html");
 
@@ -99,14 +99,6 @@ fn authorized(req: &Request<Incoming>, token: &str) -> bool {
         return same(password, token.as_bytes());
     }
     false
-}
-
-/// `405 Method Not Allowed` naming the methods the path answers.
-fn not_allowed(allow: &'static str) -> Response<Body> {
-    let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed");
-    r.headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static(allow));
-    r
 }
 
 /// Whether the client prefers OpenMetrics (a Prometheus server does) to

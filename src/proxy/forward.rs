@@ -275,10 +275,7 @@ impl Tunnel {
             drop(owner_read);
             drop(_counted);
             let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, client_write.shutdown()).await;
-            tokio::select! {
-                _ = super::client_reader::linger(&mut client_read) => {}
-                _ = broker.shutdown.cancelled() => {}
-            }
+            super::client_reader::linger_until_stop(&mut client_read, &broker.shutdown).await;
         } else {
             tracing::debug!(session, "forwarded connection ended");
         }

@@ -59,6 +59,14 @@ pub fn text(status: StatusCode, body: &str) -> Response<Body> {
     r
 }
 
+/// `405 Method Not Allowed` naming the methods the path answers.
+pub fn not_allowed(allow: &'static str) -> Response<Body> {
+    let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed");
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
 pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     let body = serde_json::to_vec(value).unwrap_or_default();
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -192,12 +200,7 @@ async fn plain(req: &Request<Incoming>, broker: &Arc<Broker>) -> Response<Body> 
             json(status, &report)
         }
         "/live" if get => text(StatusCode::OK, "live"),
-        "/health" | "/live" => {
-            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed");
-            r.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-            r
-        }
+        "/health" | "/live" => not_allowed("GET, HEAD"),
         _ => {
             let mut r = text(
                 StatusCode::UPGRADE_REQUIRED,

@@ -136,8 +136,7 @@ async fn serve_connection(
             let response = handshake::text(status, reason);
             let write = write_response(&mut io, response, false);
             if let Ok(Ok(())) = tokio::time::timeout_at(deadline, write).await {
-                let _ = io.shutdown().await;
-                super::client_reader::linger(&mut io).await;
+                close_after_answer(&mut io).await;
             }
             None
         }
@@ -288,12 +287,17 @@ async fn answer_upgrade(
             None
         }
         After::Nothing => {
-            // The answer was an error: close, letting it reach the client.
-            let _ = io.shutdown().await;
-            super::client_reader::linger(&mut io).await;
+            close_after_answer(&mut io).await;
             None
         }
     }
+}
+
+/// After an error answer: close, letting the answer reach the client
+/// (its unread input would otherwise turn the close into a reset).
+async fn close_after_answer(io: &mut PublicStream) {
+    let _ = io.shutdown().await;
+    super::client_reader::linger(io).await;
 }
 
 /// Writes a response head and body; non-101 answers close the connection.

@@ -84,12 +84,13 @@ pub async fn route(
     // Waiting for another request's creation of the same id is bounded in
     // time, not in turns: many clients arriving together (a shared session
     // reached through a node that forwards them) each wait their turn.
-    let deadline =
-        tokio::time::Instant::now() + broker.upstreams.connect_timeout() + Duration::from_secs(1);
+    // Set at the first wait: the common path reads no clock here.
+    let mut deadline: Option<tokio::time::Instant> = None;
     let mut attempts = 0;
     loop {
         attempts += 1;
-        if attempts > 6 || tokio::time::Instant::now() >= deadline {
+        let late = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+        if attempts > 6 || late {
             return Err(RouteError::Contended);
         }
         if let Some(session) = broker.sessions.get(id) {
@@ -120,7 +121,9 @@ pub async fn route(
                 // `notify_waiters` reaches this waiter.
                 let notified = done.notified();
                 drop(e);
-                let _ = tokio::time::timeout_at(deadline, notified).await;
+                let wait = broker.upstreams.connect_timeout() + Duration::from_secs(1);
+                let until = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
+                let _ = tokio::time::timeout_at(until, notified).await;
                 // A turn spent waiting is not an attempt.
                 attempts -= 1;
                 continue;

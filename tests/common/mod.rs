@@ -191,6 +191,16 @@ impl TestUpstream {
             .unwrap_or(&0)
     }
 
+    /// The `X-Session-Epoch` of each upstream connection of a session, in
+    /// order.
+    pub fn epochs_for(&self, session: &str) -> Vec<String> {
+        self.handshakes()
+            .iter()
+            .filter(|h| h.header("x-session-id") == Some(session))
+            .map(|h| h.header("x-session-epoch").unwrap_or("").to_string())
+            .collect()
+    }
+
     pub fn connections_for(&self, session: &str) -> usize {
         self.handshakes()
             .iter()
